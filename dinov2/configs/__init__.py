@@ -1,0 +1,47 @@
+"""Config files shipped with the package, loaded with OmegaConf.
+
+`ssl_default_config.yaml` is the one default file; every other config only overrides keys of it.
+"""
+
+import pathlib
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+CONFIGS_DIR = pathlib.Path(__file__).parent.resolve()
+
+
+class ConfigError(ValueError):
+    """A config file or an override names a key that the default config does not have, or a bad value."""
+
+
+def merge_configs(base: DictConfig, *others: DictConfig, source: str = "config") -> DictConfig:
+    """Merge `others` into `base` in struct mode, so a key missing from `base` raises a ConfigError naming it."""
+    OmegaConf.set_struct(base, True)
+    try:
+        merged = OmegaConf.merge(base, *others)
+    except (ConfigAttributeError, ConfigKeyError) as e:
+        key = getattr(e, "full_key", None) or getattr(e, "key", None) or str(e)
+        raise ConfigError(
+            f"Unknown config key {key!r} in {source}: it is not in dinov2/configs/ssl_default_config.yaml "
+            f"(check the spelling; every option has a default there)"
+        ) from None
+    OmegaConf.set_struct(merged, False)
+    return merged
+
+
+def load_config(config_name: str) -> DictConfig:
+    """Load `<config_name>.yaml` relative to this folder (e.g. "train/bbu_sample")."""
+    config_filename = config_name if config_name.endswith(".yaml") else config_name + ".yaml"
+    path = CONFIGS_DIR / config_filename
+    if not path.is_file():
+        raise FileNotFoundError(f"No config named {config_name!r}: {path} does not exist")
+    return OmegaConf.load(path)
+
+
+dinov2_default_config = load_config("ssl_default_config")
+
+
+def load_and_merge_config(config_name: str) -> DictConfig:
+    """Default config merged with the packaged config `config_name` (unknown keys are an error)."""
+    return merge_configs(OmegaConf.create(dinov2_default_config), load_config(config_name), source=config_name)

@@ -1,0 +1,79 @@
+"""Configuration set-up: default <- --config-file <- key=value overrides, scaling rules, and run set-up."""
+
+import argparse
+import logging
+import math
+import os
+from typing import Optional, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+
+import dinov2.distributed as distributed
+from dinov2.configs import ConfigError, dinov2_default_config, merge_configs
+from dinov2.logging import setup_logging
+from dinov2.utils import utils
+
+logger = logging.getLogger("dinov2")
+
+
+def apply_scaling_rules_to_cfg(cfg: DictConfig) -> DictConfig:
+    """Set `optim.lr` from `optim.base_lr` with the configured scaling rule (upstream: sqrt_wrt_1024)."""
+    if cfg.optim.scaling_rule == "sqrt_wrt_1024":
+        base_lr = cfg.optim.base_lr
+        cfg.optim.lr = base_lr * math.sqrt(cfg.train.batch_size_per_gpu * distributed.get_global_size() / 1024.0)
+        logger.info(f"sqrt scaling learning rate; base: {base_lr}, new: {cfg.optim.lr}")
+    else:
+        raise ConfigError(f"optim.scaling_rule={cfg.optim.scaling_rule!r} is not supported (use 'sqrt_wrt_1024')")
+    return cfg
+
+
+def write_config(cfg: DictConfig, output_dir: str, name: str = "config.yaml") -> str:
+    """Write the resolved config to `<output_dir>/<name>` atomically and return the path."""
+    logger.info(OmegaConf.to_yaml(cfg))
+    os.makedirs(output_dir, exist_ok=True)
+    saved_cfg_path = os.path.join(os.path.abspath(output_dir), name)
+    tmp_path = f"{saved_cfg_path}.tmp.{os.getpid()}"
+    with open(tmp_path, "w") as f:
+        OmegaConf.save(config=cfg, f=f)
+    os.replace(tmp_path, saved_cfg_path)
+    return saved_cfg_path
+
+
+def get_cfg_from_args(args: argparse.Namespace) -> DictConfig:
+    """default config <- `args.config_file` <- `args.opts` (OmegaConf dotlist); unknown keys raise ConfigError."""
+    opts: Sequence[str] = list(getattr(args, "opts", None) or [])
+    output_dir = getattr(args, "output_dir", "") or ""
+    if output_dir:
+        args.output_dir = os.path.abspath(output_dir)
+        opts = [*opts, f"train.output_dir={args.output_dir}"]
+    cfg = OmegaConf.create(dinov2_default_config)
+    config_file = getattr(args, "config_file", "") or ""
+    if config_file:
+        if not os.path.isfile(config_file):
+            raise FileNotFoundError(f"--config-file {config_file} does not exist")
+        cfg = merge_configs(cfg, OmegaConf.load(config_file), source=config_file)
+    bad = [opt for opt in opts if "=" not in opt]
+    if bad:
+        raise ConfigError(f"Overrides must be key=value, got {bad}")
+    return merge_configs(cfg, OmegaConf.from_dotlist(list(opts)), source="command-line overrides")
+
+
+def default_setup(args: argparse.Namespace, seed: Optional[int] = None) -> None:
+    """Start the distributed environment, logging and per-rank seeding."""
+    distributed.enable(overwrite=True)
+    rank = distributed.get_global_rank()
+    setup_logging(output=args.output_dir or None, level=logging.INFO)
+    utils.fix_random_seeds((seed if seed is not None else getattr(args, "seed", 0)) + rank)
+    logger.info("git:\n  {}\n".format(utils.get_sha()))
+    logger.info("\n".join(f"{k}: {v}" for k, v in sorted(dict(vars(args)).items())))
+
+
+def setup(args: argparse.Namespace) -> DictConfig:
+    """Build the config from `args`, set up the run and write `<output_dir>/config.yaml` on the main process."""
+    cfg = get_cfg_from_args(args)
+    os.makedirs(args.output_dir, exist_ok=True)
+    default_setup(args, seed=int(cfg.train.seed))
+    apply_scaling_rules_to_cfg(cfg)
+    if distributed.is_main_process():
+        write_config(cfg, args.output_dir)
+    return cfg
