@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Benchmarks: `backbone`, `data`, `train`, `extract`. Each run prints one JSON line.
 
-Usage: python scripts/benchmark.py <subcommand> [options]; see `--help` of each subcommand.
-Each subcommand lives in scripts/benchmarks/<name>.py and exposes `add_arguments(parser)` and `run(args) -> list[dict]`.
+Usage: python scripts/benchmark.py <subcommand> [options]; `python scripts/benchmark.py <subcommand> --help` lists them.
+Each subcommand lives in scripts/benchmarks/<name>.py and exposes `add_arguments(parser)` and `run(args) -> list[dict]`;
+only the chosen one is imported, so a benchmark's dependencies never affect the others.
 """
 
 import argparse
@@ -15,16 +16,17 @@ SUBCOMMANDS = ("backbone", "data", "train", "extract")
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    modules = {}
-    for name in SUBCOMMANDS:
-        module = importlib.import_module(f"benchmarks.{name}")
-        modules[name] = module
-        module.add_arguments(sub.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0]))
-    args = parser.parse_args(argv)
-    for record in modules[args.command].run(args):
+    parser.add_argument("command", choices=SUBCOMMANDS)
+    if not argv or argv[0] not in SUBCOMMANDS:
+        parser.parse_args(argv[:1])  # prints usage / the choices error and exits
+    module = importlib.import_module(f"benchmarks.{argv[0]}")
+    sub = argparse.ArgumentParser(prog=f"benchmark.py {argv[0]}", description=module.__doc__)
+    module.add_arguments(sub)
+    args = sub.parse_args(argv[1:])
+    for record in module.run(args):
         print(json.dumps(record), flush=True)
     return 0
 

@@ -1,0 +1,67 @@
+"""Batch collation for SSL training: stacks multi-crop views and draws the iBOT patch masks."""
+
+import random
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+
+def collate_data_and_cast(
+    samples_list: List[Tuple[Dict[str, Any], Any]],
+    mask_ratio_tuple: Sequence[float],
+    mask_probability: float,
+    dtype: torch.dtype,
+    n_tokens: Optional[int] = None,
+    mask_generator: Optional[Callable[[int], Any]] = None,
+) -> Dict[str, Any]:
+    """Collate `(DataAugmentationDINO output, target)` pairs into one training batch.
+
+    Crops are stacked crop-major: `[crop 0 of every sample, crop 1 of every sample, ...]`. Of the B global crops,
+    `int(B * mask_probability)` get a mask; masked crop i draws its ratio uniformly in the i-th interval of
+    `linspace(min, max, n_masked + 1)`, the others get an empty mask, and the mask list is shuffled.
+    Randomness comes from Python's `random` module (as upstream): seed it for a reproducible batch.
+
+    Returns `collated_global_crops` (B, 3, H, W) and `collated_local_crops` cast to `dtype`, `collated_masks`
+    (B, n_tokens) bool, `mask_indices_list` (flat indices of masked tokens), `masks_weight` (1 / masked tokens of
+    the owning crop, one per masked token), `upperbound` (sum of int(n_tokens * ratio_max) over masked crops: a
+    static bound on the number of masked tokens) and `n_masked_patches` (long tensor of shape [1]).
+    """
+    if mask_generator is None or n_tokens is None:
+        raise ValueError("collate_data_and_cast needs n_tokens and mask_generator")
+    n_global_crops = len(samples_list[0][0]["global_crops"])
+    n_local_crops = len(samples_list[0][0]["local_crops"])
+    collated_global_crops = torch.stack(
+        [sample[0]["global_crops"][i] for i in range(n_global_crops) for sample in samples_list]
+    )
+    collated_local_crops = torch.stack(
+        [sample[0]["local_crops"][i] for i in range(n_local_crops) for sample in samples_list]
+    )
+
+    n_crops = len(collated_global_crops)
+    n_masked_crops = int(n_crops * mask_probability)
+    ratios = torch.linspace(*mask_ratio_tuple, n_masked_crops + 1)
+    upperbound = 0
+    masks_list = []
+    for i in range(n_masked_crops):
+        ratio_min, ratio_max = ratios[i], ratios[i + 1]
+        n_masked = int(n_tokens * random.uniform(ratio_min, ratio_max))
+        masks_list.append(torch.as_tensor(mask_generator(n_masked), dtype=torch.bool))
+        upperbound += int(n_tokens * ratio_max)
+    for _ in range(n_masked_crops, n_crops):
+        masks_list.append(torch.as_tensor(mask_generator(0), dtype=torch.bool))
+    random.shuffle(masks_list)
+
+    collated_masks = torch.stack(masks_list).flatten(1)
+    mask_indices_list = collated_masks.flatten().nonzero().flatten()
+    per_crop_weight = 1.0 / collated_masks.sum(-1).clamp(min=1.0)
+    masks_weight = per_crop_weight.unsqueeze(-1).expand_as(collated_masks)[collated_masks]
+
+    return {
+        "collated_global_crops": collated_global_crops.to(dtype),
+        "collated_local_crops": collated_local_crops.to(dtype),
+        "collated_masks": collated_masks,
+        "mask_indices_list": mask_indices_list,
+        "masks_weight": masks_weight,
+        "upperbound": upperbound,
+        "n_masked_patches": torch.full((1,), fill_value=mask_indices_list.shape[0], dtype=torch.long),
+    }

@@ -1,0 +1,7 @@
+from .bbu_data import BBUDataset
+from .extended import ExtendedVisionDataset, ImageDecodeError
+from .image_folder import ImageFolder
+from .image_net import ImageNet
+from .image_net_22k import ImageNet22k
+
+__all__ = ["BBUDataset", "ExtendedVisionDataset", "ImageDecodeError", "ImageFolder", "ImageNet", "ImageNet22k"]

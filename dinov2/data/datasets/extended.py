@@ -1,0 +1,88 @@
+"""`ExtendedVisionDataset`: the base of every dataset here (encoded bytes + target per index, lazy decoding)."""
+
+import logging
+from abc import ABCMeta, abstractmethod
+from typing import Any, Tuple
+
+from PIL import Image
+from torchvision.datasets import VisionDataset
+
+from .decoders import ImageDataDecoder, TargetDecoder
+
+logger = logging.getLogger("dinov2")
+
+# What PIL raises for missing, truncated, corrupt or oversized images (FileNotFoundError and
+# UnidentifiedImageError are OSErrors).
+_IMAGE_ERRORS = (OSError, SyntaxError, Image.DecompressionBombError)
+
+
+class ImageDecodeError(RuntimeError):
+    """An image could not be read or decoded; the message names the sample index and the file."""
+
+
+class ExtendedVisionDataset(VisionDataset, metaclass=ABCMeta):
+    """Dataset of encoded images: subclasses provide `get_image_data(i) -> bytes`, `get_target(i)`, `get_image_path(i)`
+    and `__len__`; this class decodes and transforms.
+
+    Lazy decoding: the image is opened with `PIL.Image.open` (header only). A transform with the attribute
+    `accepts_unloaded_image = True` receives that unloaded image (it may use JPEG draft mode) and must produce RGB
+    itself; otherwise the image is converted to RGB first. Read/decode errors, also those raised inside the transform,
+    become `ImageDecodeError` (a RuntimeError) naming the sample index and the file.
+
+    With `skip_bad_images=True` a broken sample is replaced by the next readable index; each replacement is logged as
+    a warning and counted in `num_bad_images` (in DataLoader workers each worker counts its own copy).
+    """
+
+    def __init__(self, *args: Any, skip_bad_images: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.skip_bad_images = skip_bad_images
+        self.num_bad_images = 0
+
+    @abstractmethod
+    def get_image_data(self, index: int) -> bytes:
+        """Encoded bytes of image `index`."""
+
+    @abstractmethod
+    def get_target(self, index: int) -> Any:
+        """Target of sample `index`."""
+
+    @abstractmethod
+    def get_image_path(self, index: int) -> str:
+        """Absolute path (or tarball member) of image `index`, for messages."""
+
+    @abstractmethod
+    def __len__(self) -> int:
+        """Number of samples."""
+
+    def _accepts_unloaded_image(self) -> bool:
+        return bool(
+            getattr(self.transform, "accepts_unloaded_image", False)
+            or getattr(self.transforms, "accepts_unloaded_image", False)
+        )
+
+    def _load_sample(self, index: int) -> Tuple[Any, Any]:
+        try:
+            image = ImageDataDecoder(self.get_image_data(index)).open()
+            if not self._accepts_unloaded_image():
+                image = image.convert(mode="RGB")
+            target = TargetDecoder(self.get_target(index)).decode()
+            if self.transforms is not None:
+                image, target = self.transforms(image, target)
+        except _IMAGE_ERRORS as e:
+            raise ImageDecodeError(
+                f"can not read image for sample {index}: {self.get_image_path(index)}: {type(e).__name__}: {e}"
+            ) from e
+        return image, target
+
+    def __getitem__(self, index: int) -> Tuple[Any, Any]:
+        if not self.skip_bad_images:
+            return self._load_sample(index)
+        length = len(self)
+        for offset in range(length):
+            candidate = (index + offset) % length
+            try:
+                return self._load_sample(candidate)
+            except ImageDecodeError as e:
+                self.num_bad_images += 1
+                logger.warning("skip_bad_images: %s; trying sample %d instead", e, (candidate + 1) % length)
+        raise ImageDecodeError(f"no readable image in {type(self).__name__} (all {length} samples failed)")

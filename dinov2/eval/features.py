@@ -1,0 +1,266 @@
+"""Frozen-backbone features for the probes, extracted once per split and cached on disk.
+
+One pass over a split stores, per image, the normalised class tokens of the last `n_blocks` (<= 4) blocks and the mean
+patch token of the last block. Every probe input derives from these: k-NN and log-reg use the last class token (the
+backbone output), the linear grid the concatenations of upstream's `create_linear_input`. The cache file
+`<features-dir>/<tag>_<key>.pt` is keyed by a hash of the weights (path, size, mtime; or the seed of a random init),
+the dataset string and its image list and labels, the model config, the transform, the number of blocks and the
+inference dtype, so the probes of one invocation (and later invocations with the same inputs) share one extraction.
+"""
+
+import hashlib
+import json
+import logging
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass
+from typing import Dict, List
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+import dinov2.distributed as distributed
+from dinov2.data import make_dataset
+from dinov2.data.transforms import make_classification_eval_transform
+from dinov2.eval.setup import RANDOM_WEIGHTS
+from dinov2.eval.utils import ModelWithIntermediateLayers, atomic_write, extract_features, make_autocast_ctx
+
+logger = logging.getLogger("dinov2")
+
+CACHE_FORMAT_VERSION = 1
+MAX_BLOCKS = 4
+# Number of extractions (cache misses) per dataset string in this process: the cache tests read it.
+EXTRACTION_COUNTS: Counter = Counter()
+
+
+def split_tag(dataset_str: str) -> str:
+    """Short file-name tag of a dataset string: the stem of its annotation file, else its split
+    ("BBU:root=R:split=TEST" -> "test"), else its name."""
+    name, *tokens = dataset_str.split(":")
+    params = dict(token.split("=", 1) for token in tokens if "=" in token)
+    if "annotation_file" in params:
+        tag = os.path.splitext(os.path.basename(params["annotation_file"]))[0]
+    elif "split" in params:
+        tag = params["split"]
+    else:
+        tag = name
+    return re.sub(r"[^a-z0-9_]+", "_", tag.lower()).strip("_") or "dataset"
+
+
+@dataclass
+class FeatureSet:
+    """Features and metadata of one split, in dataset order."""
+
+    dataset_str: str
+    cls: torch.Tensor  # (N, n_blocks, D): normalised class tokens, oldest block first; [:, -1] = backbone output
+    patch_mean: torch.Tensor  # (N, D): mean patch token of the last block
+    labels: np.ndarray  # (N,) int64, -1 = unlabelled
+    group_ids: List[str]
+    img_paths: List[str]
+    class_names: List[str]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def tag(self) -> str:
+        return split_tag(self.dataset_str)
+
+    @property
+    def n_blocks(self) -> int:
+        return self.cls.shape[1]
+
+    def require_labels(self) -> None:
+        """Probes need a label for every image: raise naming the dataset if some are unlabelled (-1)."""
+        unlabelled = int((self.labels < 0).sum())
+        if unlabelled:
+            raise ValueError(
+                f"{self.dataset_str}: {unlabelled} of {len(self)} images are unlabelled (gt_label -1 or missing); "
+                "probe evaluation needs a label for every image"
+            )
+
+    def require_classes_of(self, train: "FeatureSet") -> None:
+        """Probes trained on `train` score this split: raise naming both datasets if the class lists differ."""
+        if self.class_names != train.class_names:
+            raise ValueError(
+                f"{self.dataset_str} has classes {self.class_names} but the training dataset {train.dataset_str} has "
+                f"{train.class_names}; the probes need the same class list (metainfo.classes) in every split"
+            )
+
+    def subset(self, indices: np.ndarray) -> "FeatureSet":
+        """The images at `indices` (same dataset string; used for held-out parts of a training split)."""
+        indices = np.asarray(indices, dtype=np.int64)
+        return FeatureSet(
+            dataset_str=self.dataset_str,
+            cls=self.cls[torch.from_numpy(indices)],
+            patch_mean=self.patch_mean[torch.from_numpy(indices)],
+            labels=self.labels[indices],
+            group_ids=[self.group_ids[i] for i in indices],
+            img_paths=[self.img_paths[i] for i in indices],
+            class_names=self.class_names,
+        )
+
+    def normalized_cls(self) -> torch.Tensor:
+        """L2-normalised backbone output (CLS token): the k-NN and log-reg feature."""
+        return F.normalize(self.cls[:, -1], dim=1, p=2)
+
+    def linear_input(self, n_last_blocks: int, avgpool: bool) -> torch.Tensor:
+        """Upstream linear-probe input: concatenated class tokens of the last n blocks (+ mean patch token)."""
+        if not 1 <= n_last_blocks <= self.n_blocks:
+            raise ValueError(f"n_last_blocks={n_last_blocks} but {self.n_blocks} blocks were extracted")
+        parts = [self.cls[:, -n_last_blocks:].flatten(1)]
+        if avgpool:
+            parts.append(self.patch_mean)
+        return torch.cat(parts, dim=1).float()
+
+
+class ProbeFeatureModel(nn.Module):
+    """Backbone -> [class tokens of the last n blocks..., mean patch token of the last block] as one (B, (n+1)D)."""
+
+    def __init__(self, backbone: nn.Module, n_blocks: int, autocast_ctx):
+        super().__init__()
+        self.layers = ModelWithIntermediateLayers(backbone, n_blocks, autocast_ctx)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        outputs = self.layers(images)
+        class_tokens = [class_token.float() for _, class_token in outputs]
+        return torch.cat([*class_tokens, outputs[-1][0].float().mean(dim=1)], dim=1)
+
+
+def weights_identity(pretrained_weights: str, seed: int) -> Dict[str, object]:
+    """What identifies the weights for the cache: the seed of a random init, else path + size + mtime (or the URL)."""
+    if pretrained_weights == RANDOM_WEIGHTS:
+        return {"random_seed": seed}
+    if os.path.isfile(pretrained_weights):
+        stat = os.stat(pretrained_weights)
+        return {"path": os.path.abspath(pretrained_weights), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    return {"url": pretrained_weights}
+
+
+class FeatureStore:
+    """Extracts (or loads from the cache) the features of dataset strings for one backbone and transform."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        autocast_dtype: torch.dtype,
+        config: DictConfig,
+        pretrained_weights: str,
+        transform,
+        cache_dir: str,
+        batch_size: int,
+        num_workers: int,
+    ):
+        self.model = model
+        self.n_blocks = min(MAX_BLOCKS, int(model.n_blocks))
+        self.embed_dim = int(model.embed_dim)
+        device = next(model.parameters()).device
+        self.feature_model = ProbeFeatureModel(model, self.n_blocks, make_autocast_ctx(autocast_dtype, device))
+        self.transform = transform
+        self.cache_dir = cache_dir
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.base_fields = {
+            "version": CACHE_FORMAT_VERSION,
+            "weights": weights_identity(pretrained_weights, int(config.train.seed)),
+            "model": OmegaConf.to_container(config.student, resolve=True),
+            "global_crops_size": int(config.crops.global_crops_size),
+            "transform": repr(transform),
+            "n_blocks": self.n_blocks,
+            "dtype": str(autocast_dtype),
+        }
+
+    def cache_fields(self, dataset_str: str, dataset) -> Dict[str, object]:
+        """Everything the features of `dataset` depend on, incl. a digest of its image list and labels (so an edited
+        annotation file gets new features; images overwritten under the same names are not detected)."""
+        targets = dataset.get_targets() if hasattr(dataset, "get_targets") else None
+        content = json.dumps([_img_paths(dataset), None if targets is None else np.asarray(targets).tolist()])
+        return {**self.base_fields, "dataset": dataset_str, "content": hashlib.sha256(content.encode()).hexdigest()}
+
+    def cache_path(self, dataset_str: str, fields: Dict[str, object]) -> str:
+        key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
+        return os.path.join(self.cache_dir, f"{split_tag(dataset_str)}_{key}.pt")
+
+    def _load(self, path: str, fields: Dict[str, object], n: int):
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        if payload.get("fields") != fields or len(payload["labels"]) != n:
+            raise ValueError(f"feature cache {path} does not match {fields['dataset']} ({n} images); delete it")
+        logger.info(f"Loaded cached features of {fields['dataset']} from {path}")
+        return payload["features"], payload["labels"]
+
+    def _extract(self, path: str, fields: Dict[str, object], dataset, dataset_str: str):
+        EXTRACTION_COUNTS[dataset_str] += 1
+        dim = (self.n_blocks + 1) * self.embed_dim
+        if len(dataset) == 0:
+            logger.warning(f"{dataset_str} is empty: no features to extract")
+            features, labels = torch.zeros(0, dim), torch.zeros(0, dtype=torch.long)
+        else:
+            logger.info(f"Extracting features of {dataset_str} ({len(dataset)} images)")
+            features, labels = extract_features(
+                self.feature_model, dataset, self.batch_size, self.num_workers, gather_on_cpu=True
+            )
+        if distributed.is_main_process():
+            os.makedirs(self.cache_dir, exist_ok=True)
+            payload = {"fields": fields, "features": features, "labels": labels}
+            atomic_write(path, lambda f: torch.save(payload, f), binary=True)
+        return features, labels
+
+    def get(self, dataset_str: str) -> FeatureSet:
+        dataset = make_dataset(dataset_str=dataset_str, transform=self.transform)
+        fields = self.cache_fields(dataset_str, dataset)
+        path = self.cache_path(dataset_str, fields)
+        hit = torch.tensor([int(os.path.isfile(path))], device=distributed.collective_device())
+        if distributed.is_enabled():
+            torch.distributed.all_reduce(hit, op=torch.distributed.ReduceOp.MIN)  # every rank takes the same branch
+        if hit.item():
+            features, labels = self._load(path, fields, len(dataset))
+        else:
+            features, labels = self._extract(path, fields, dataset, dataset_str)
+        distributed.barrier()
+        n, d = len(labels), self.embed_dim
+        return FeatureSet(
+            dataset_str=dataset_str,
+            cls=features[:, : self.n_blocks * d].reshape(n, self.n_blocks, d),
+            patch_mean=features[:, self.n_blocks * d :],
+            labels=labels.numpy().astype(np.int64),
+            group_ids=_group_ids(dataset, dataset_str),
+            img_paths=_img_paths(dataset),
+            class_names=_class_names(dataset, labels),
+        )
+
+
+def make_feature_store(
+    args, model: nn.Module, autocast_dtype: torch.dtype, config: DictConfig, batch_size: int
+) -> FeatureStore:
+    """The feature store of a probe CLI: eval transform from `--resize-size/--crop-size`, cache in `--features-dir`."""
+    transform = make_classification_eval_transform(resize_size=args.resize_size, crop_size=args.crop_size)
+    cache_dir = args.features_dir or os.path.join(args.output_dir, "features")
+    return FeatureStore(
+        model, autocast_dtype, config, args.pretrained_weights, transform, cache_dir, batch_size, args.num_workers
+    )
+
+
+def _group_ids(dataset, dataset_str: str) -> List[str]:
+    if hasattr(dataset, "get_group_ids"):
+        return [str(g) for g in dataset.get_group_ids()]
+    logger.info(f"{dataset_str} has no group ids: every image is its own group")
+    return [str(i) for i in range(len(dataset))]
+
+
+def _img_paths(dataset) -> List[str]:
+    if hasattr(dataset, "get_image_relpath"):
+        return [dataset.get_image_relpath(i) for i in range(len(dataset))]
+    if hasattr(dataset, "get_image_path"):
+        return [dataset.get_image_path(i) for i in range(len(dataset))]
+    return [str(i) for i in range(len(dataset))]
+
+
+def _class_names(dataset, labels: torch.Tensor) -> List[str]:
+    names = getattr(dataset, "class_names", None)
+    if names:
+        return list(names)
+    num_classes = max(2, int(labels.max().item()) + 1 if len(labels) else 2)
+    return [str(c) for c in range(num_classes)]

@@ -1,0 +1,121 @@
+"""Common set-up of the evaluation CLIs: arguments, config, backbone with strictly loaded weights, autocast dtype."""
+
+import argparse
+import logging
+import os
+from typing import List, Optional, Tuple
+
+import torch
+import torch.backends.cudnn as cudnn
+from omegaconf import DictConfig
+
+from dinov2.eval.metrics import GROUP_AGGREGATIONS
+from dinov2.eval.thresholds import parse_policy
+from dinov2.models import build_model_from_cfg
+from dinov2.utils.config import setup
+from dinov2.utils.utils import fix_random_seeds, load_pretrained_weights
+
+logger = logging.getLogger("dinov2")
+
+RANDOM_WEIGHTS = "random"
+
+
+def get_args_parser(
+    description: Optional[str] = None,
+    parents: Optional[List[argparse.ArgumentParser]] = None,
+    add_help: bool = True,
+) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description, parents=parents or [], add_help=add_help)
+    parser.add_argument("--config-file", type=str, help="Model configuration file")
+    parser.add_argument(
+        "--pretrained-weights",
+        type=str,
+        help="Backbone weights: teacher_checkpoint.pth, an official .pth, a URL, "
+        f"or '{RANDOM_WEIGHTS}' for a seeded random initialisation (baseline)",
+    )
+    parser.add_argument("--output-dir", default="", type=str, help="Output directory to write results and logs")
+    parser.add_argument("--opts", help="Extra configuration options", default=[], nargs="+")
+    return parser
+
+
+def get_autocast_dtype(config: DictConfig) -> torch.dtype:
+    """Inference dtype of the teacher backbone from `compute_precision.teacher.backbone.mixed_precision.param_dtype`."""
+    teacher_dtype_str = config.compute_precision.teacher.backbone.mixed_precision.param_dtype
+    if teacher_dtype_str == "fp16":
+        return torch.half
+    if teacher_dtype_str == "bf16":
+        return torch.bfloat16
+    return torch.float
+
+
+def build_model_for_eval(config: DictConfig, pretrained_weights: Optional[str]) -> torch.nn.Module:
+    """Teacher backbone of `config` in eval mode, on CUDA if available, with strictly loaded weights.
+
+    The model is built after seeding with `train.seed` (the same on every rank), so `pretrained_weights == "random"`
+    gives a reproducible random backbone. A checkpoint that does not match the architecture raises.
+    """
+    if not pretrained_weights:
+        raise ValueError(f"--pretrained-weights is required: a checkpoint path/URL or '{RANDOM_WEIGHTS}'")
+    fix_random_seeds(int(config.train.seed))
+    model, _ = build_model_from_cfg(config, only_teacher=True)
+    if pretrained_weights == RANDOM_WEIGHTS:
+        logger.warning(
+            f"Evaluating a RANDOMLY INITIALISED {config.student.arch}/{config.student.patch_size} backbone "
+            f"(seed {config.train.seed}) as a baseline: --pretrained-weights {RANDOM_WEIGHTS}"
+        )
+    else:
+        load_pretrained_weights(model, pretrained_weights, checkpoint_key="teacher", strict=True)
+    model.eval()
+    model.to(torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+    return model
+
+
+def setup_eval_model(args: argparse.Namespace) -> Tuple[torch.nn.Module, torch.dtype, DictConfig]:
+    """Config and run set-up (`dinov2.utils.config.setup`), then the evaluation backbone, its autocast dtype
+    (the configured teacher dtype on CUDA; float32 on CPU) and the config."""
+    cudnn.benchmark = True
+    if not args.output_dir:
+        args.output_dir = os.getcwd()
+        logger.info(f"--output-dir not given: writing to the current directory {args.output_dir}")
+    config = setup(args)
+    model = build_model_for_eval(config, args.pretrained_weights)
+    autocast_dtype = get_autocast_dtype(config) if torch.cuda.is_available() else torch.float
+    return model, autocast_dtype, config
+
+
+def setup_and_build_model(args: argparse.Namespace) -> Tuple[torch.nn.Module, torch.dtype]:
+    """Upstream's entry point: `setup_eval_model` without the config."""
+    model, autocast_dtype, _ = setup_eval_model(args)
+    return model, autocast_dtype
+
+
+def add_qc_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options shared by the three probes: eval transform, feature cache, operating threshold and group metrics."""
+    parser.add_argument("--resize-size", type=int, default=256, help="Eval transform: resize the short side to this")
+    parser.add_argument("--crop-size", type=int, default=224, help="Eval transform: center crop size")
+    parser.add_argument("--num-workers", type=int, default=8, help="Data loader workers for feature extraction")
+    parser.add_argument(
+        "--features-dir", type=str, default=None, help="Feature cache directory (default: <output-dir>/features)"
+    )
+    parser.add_argument(
+        "--threshold-policy",
+        type=str,
+        default="f1",
+        help="Operating threshold chosen on validation scores: f1, youden or recall@R (e.g. recall@0.95)",
+    )
+    parser.add_argument(
+        "--group-aggregation",
+        choices=GROUP_AGGREGATIONS,
+        default="mean",
+        help="How the image scores of one group (device) are combined: mean, max or majority vote",
+    )
+    parser.add_argument(
+        "--fpr-target", type=float, default=0.01, help="False-positive rate for the recall_at_fpr metric"
+    )
+
+
+def check_qc_arguments(args: argparse.Namespace) -> None:
+    """Fail early on a bad threshold policy or FPR target, before any feature is extracted."""
+    parse_policy(args.threshold_policy)
+    if not 0.0 <= args.fpr_target <= 1.0:
+        raise ValueError(f"--fpr-target must be in [0, 1], got {args.fpr_target}")

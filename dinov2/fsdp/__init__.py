@@ -1,0 +1,129 @@
+"""FSDP wrapping from `compute_precision.<model>.<submodule>` configs, FSDP helpers and the checkpointers.
+
+CPU: torch's FSDP runs on CPU with gloo when `device_id=torch.device("cpu")`, but refuses
+`sync_module_states=True` there; the CPU wrapper therefore broadcasts parameters and buffers from rank 0 itself
+before wrapping (the same effect). The training maths is the same as on GPU.
+`ShardedGradScaler` is re-exported for fp16 training on GPU. Without CUDA, `ShardedGradScaler()` disables itself
+(with a warning); `ShardedGradScaler(device="cpu")` works but needs a process group (it all-reduces found-inf
+flags). With fp32 parameters on CPU the training code runs without a scaler.
+"""
+
+import functools
+from typing import Any, Callable, List, Set, Type
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig
+from torch import nn
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+from torch.distributed.fsdp import MixedPrecision, ShardingStrategy
+from torch.distributed.fsdp._runtime_utils import _reshard
+from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+import dinov2.distributed as distributed
+from dinov2.utils.dtype import as_torch_dtype
+
+from .checkpointer import FSDPCheckpointer, PeriodicCheckpointer
+
+__all__ = [
+    "get_fsdp_wrapper",
+    "is_fsdp",
+    "is_sharded_fsdp",
+    "free_if_fsdp",
+    "get_fsdp_modules",
+    "reshard_fsdp_model",
+    "rankstr",
+    "FSDPCheckpointer",
+    "PeriodicCheckpointer",
+    "ShardedGradScaler",
+]
+
+_SHARDING_STRATEGIES = {
+    "NO_SHARD": ShardingStrategy.NO_SHARD,
+    "SHARD_GRAD_OP": ShardingStrategy.SHARD_GRAD_OP,
+    "FULL_SHARD": ShardingStrategy.FULL_SHARD,
+}
+
+
+def _sharding_strategy(value: Any) -> ShardingStrategy:
+    if value not in _SHARDING_STRATEGIES:
+        raise ValueError(f"sharding_strategy={value!r} is not supported (use one of {sorted(_SHARDING_STRATEGIES)})")
+    return _SHARDING_STRATEGIES[value]
+
+
+def _dtype(value: Any, key: str) -> torch.dtype:
+    try:
+        return as_torch_dtype(value)
+    except ValueError as e:
+        raise ValueError(f"mixed_precision.{key}={value!r}: {e}") from None
+
+
+def _broadcast_module_states(module: nn.Module) -> None:
+    """Copy rank 0's parameters and buffers to every rank (what `sync_module_states=True` does on GPU)."""
+    if distributed.get_global_size() == 1:
+        return
+    with torch.no_grad():
+        for tensor in [*module.parameters(), *module.buffers()]:
+            dist.broadcast(tensor.data, src=0)
+
+
+def _fsdp_on_cpu(module: nn.Module, *, sync_module_states: bool, **fsdp_kwargs: Any) -> FSDP:
+    if sync_module_states:
+        _broadcast_module_states(module)
+    return FSDP(module, device_id=torch.device("cpu"), sync_module_states=False, **fsdp_kwargs)
+
+
+def get_fsdp_wrapper(
+    model_cfg: DictConfig, modules_to_wrap: Set[Type[nn.Module]] = set()
+) -> Callable[[nn.Module], FSDP]:
+    """A `functools.partial` that wraps a module in FSDP per `model_cfg` (`sharding_strategy`: NO_SHARD |
+    SHARD_GRAD_OP | FULL_SHARD; `mixed_precision.{param,reduce,buffer}_dtype`: fp32 | fp16 | bf16), with
+    `use_orig_params=True`, `sync_module_states=True` and each instance of `modules_to_wrap` as its own FSDP unit
+    (e.g. `{BlockChunk}`). On CUDA the device is cuda:LOCAL_RANK; on CPU see the module docstring."""
+    sharding_strategy = _sharding_strategy(model_cfg.sharding_strategy)
+    mp_cfg = model_cfg.mixed_precision
+    mixed_precision = MixedPrecision(
+        param_dtype=_dtype(mp_cfg.param_dtype, "param_dtype"),
+        reduce_dtype=_dtype(mp_cfg.reduce_dtype, "reduce_dtype"),
+        buffer_dtype=_dtype(mp_cfg.buffer_dtype, "buffer_dtype"),
+    )
+    fsdp_kwargs = dict(
+        sharding_strategy=sharding_strategy,
+        mixed_precision=mixed_precision,
+        sync_module_states=True,
+        use_orig_params=True,
+        auto_wrap_policy=ModuleWrapPolicy(modules_to_wrap),
+    )
+    if torch.cuda.is_available():
+        return functools.partial(FSDP, device_id=distributed.get_local_rank(), **fsdp_kwargs)
+    return functools.partial(_fsdp_on_cpu, **fsdp_kwargs)
+
+
+def is_fsdp(x: nn.Module) -> bool:
+    return isinstance(x, FSDP)
+
+
+def is_sharded_fsdp(x: nn.Module) -> bool:
+    """FSDP with an effective strategy other than NO_SHARD (FSDP falls back to NO_SHARD at world size 1)."""
+    return is_fsdp(x) and x.sharding_strategy is not ShardingStrategy.NO_SHARD
+
+
+def free_if_fsdp(x: nn.Module) -> None:
+    """Free the unsharded flat parameter of a sharded FSDP unit (keeps only this rank's shard in memory)."""
+    if is_sharded_fsdp(x) and x._handle is not None:
+        _reshard(x, x._handle, True)
+
+
+def get_fsdp_modules(x: nn.Module) -> List[FSDP]:
+    return FSDP.fsdp_modules(x)
+
+
+def reshard_fsdp_model(x: nn.Module) -> None:
+    """Free all unsharded parameters of `x`'s FSDP units (the teacher after its no-grad forward, as upstream)."""
+    for m in get_fsdp_modules(x):
+        free_if_fsdp(m)
+
+
+def rankstr() -> str:
+    return f"rank_{distributed.get_global_rank()}"

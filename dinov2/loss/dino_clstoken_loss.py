@@ -1,0 +1,110 @@
+"""DINO loss on class tokens: cross-entropy between teacher targets (centred softmax or Sinkhorn-Knopp) and student."""
+
+from typing import List, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from dinov2 import distributed
+
+
+class DINOLoss(nn.Module):
+    """`loss = -sum_{student s, teacher t} mean_b sum_k t * log_softmax(s / student_temp)`.
+
+    The centre is an EMA of the batch mean of teacher logits over all ranks. As upstream, `update_center` starts an
+    async all-reduce and the new centre is applied lazily at the next `softmax_center_teacher` call (or before a
+    `state_dict()` is taken, so a checkpoint never misses a pending update). Works with and without a process group.
+    """
+
+    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9) -> None:
+        super().__init__()
+        self.student_temp = student_temp
+        self.center_momentum = center_momentum
+        self.register_buffer("center", torch.zeros(1, out_dim))
+        self.updated = True
+        self.reduce_handle: Optional[dist.Work] = None
+        self.len_teacher_output: Optional[int] = None
+        self.async_batch_center: Optional[torch.Tensor] = None
+        self.register_state_dict_pre_hook(_apply_pending_center_update)
+
+    @torch.no_grad()
+    def softmax_center_teacher(self, teacher_output: torch.Tensor, teacher_temp: float) -> torch.Tensor:
+        self.apply_center_update()
+        return F.softmax((teacher_output - self.center) / teacher_temp, dim=-1)
+
+    @torch.no_grad()
+    def sinkhorn_knopp_teacher(
+        self, teacher_output: torch.Tensor, teacher_temp: float, n_iterations: int = 3
+    ) -> torch.Tensor:
+        """Sinkhorn-Knopp over the global batch (rows of the result sum to 1), computed in float32."""
+        teacher_output = teacher_output.float()
+        Q = torch.exp(teacher_output / teacher_temp).t()  # K x B
+        B = Q.shape[1] * distributed.get_global_size()
+        K = Q.shape[0]
+        return _sinkhorn(Q, B, K, n_iterations).t()
+
+    def forward(
+        self, student_output_list: List[torch.Tensor], teacher_out_softmaxed_centered_list: List[torch.Tensor]
+    ) -> torch.Tensor:
+        total_loss = 0
+        for s in student_output_list:
+            lsm = F.log_softmax(s / self.student_temp, dim=-1)
+            for t in teacher_out_softmaxed_centered_list:
+                loss = torch.sum(t * lsm, dim=-1)
+                total_loss -= loss.mean()
+        return total_loss
+
+    @torch.no_grad()
+    def update_center(self, teacher_output: torch.Tensor) -> None:
+        self.reduce_center_update(teacher_output)
+
+    @torch.no_grad()
+    def reduce_center_update(self, teacher_output: torch.Tensor) -> None:
+        self.updated = False
+        self.len_teacher_output = len(teacher_output)
+        self.async_batch_center = torch.sum(teacher_output, dim=0, keepdim=True)
+        self.reduce_handle = _all_reduce_sum(self.async_batch_center, async_op=True)
+
+    @torch.no_grad()
+    def apply_center_update(self) -> None:
+        if self.updated:
+            return
+        if self.reduce_handle is not None:
+            self.reduce_handle.wait()
+        _t = self.async_batch_center / (self.len_teacher_output * distributed.get_global_size())
+        self.center = self.center * self.center_momentum + _t * (1 - self.center_momentum)
+        self.updated = True
+        self.reduce_handle = None
+        self.async_batch_center = None
+
+
+def _all_reduce_sum(tensor: torch.Tensor, async_op: bool = False) -> Optional[dist.Work]:
+    """In-place sum over ranks (guarded: the identity without a process group); returns the async handle if any."""
+    if not distributed.is_enabled():
+        return None
+    return dist.all_reduce(tensor, op=dist.ReduceOp.SUM, async_op=async_op)
+
+
+def _apply_pending_center_update(module: nn.Module, prefix: str, keep_vars: bool) -> None:
+    """state_dict pre-hook: fold a pending (lazily applied) centre update into the buffer before it is saved."""
+    module.apply_center_update()
+
+
+def _sinkhorn(Q: torch.Tensor, B, K: int, n_iterations: int) -> torch.Tensor:
+    """Alternate row/column normalisation of Q (K x B_local); B is the global column count (int or tensor).
+
+    Row sums are all-reduced (rows span all ranks' columns); columns are local. Returns Q scaled so columns sum to 1.
+    """
+    sum_Q = torch.sum(Q)
+    _all_reduce_sum(sum_Q)
+    Q = Q / sum_Q
+    for _ in range(n_iterations):
+        sum_of_rows = torch.sum(Q, dim=1, keepdim=True)
+        _all_reduce_sum(sum_of_rows)
+        Q = Q / sum_of_rows
+        Q = Q / K
+        Q = Q / torch.sum(Q, dim=0, keepdim=True)
+        Q = Q / B
+    return Q * B

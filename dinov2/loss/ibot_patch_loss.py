@@ -1,0 +1,110 @@
+"""iBOT loss on masked patch tokens: per-token cross-entropy, averaged per image, then over images."""
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from dinov2 import distributed
+from dinov2.loss.dino_clstoken_loss import _all_reduce_sum, _apply_pending_center_update, _sinkhorn
+
+
+def lossfunc(t: torch.Tensor, s: torch.Tensor, temp: float) -> torch.Tensor:
+    """`sum_k t * log_softmax(s / temp)` over the last dim (a negative cross-entropy, as upstream)."""
+    return torch.sum(t * F.log_softmax(s / temp, dim=-1), dim=-1)
+
+
+class iBOTPatchLoss(nn.Module):
+    """Centre (EMA over all ranks' patch tokens, applied lazily as in DINOLoss) and Sinkhorn-Knopp teacher targets.
+
+    Every torch.distributed call is guarded: world size 1 without a process group works (upstream's Sinkhorn
+    all-reduces the masked-patch count unconditionally and crashes there).
+    """
+
+    def __init__(self, patch_out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9) -> None:
+        super().__init__()
+        self.student_temp = student_temp
+        self.center_momentum = center_momentum
+        self.register_buffer("center", torch.zeros(1, 1, patch_out_dim))
+        self.updated = True
+        self.reduce_handle: Optional[dist.Work] = None
+        self.len_teacher_patch_tokens: Optional[int] = None
+        self.async_batch_center: Optional[torch.Tensor] = None
+        self.register_state_dict_pre_hook(_apply_pending_center_update)
+
+    @torch.no_grad()
+    def softmax_center_teacher(self, teacher_patch_tokens: torch.Tensor, teacher_temp: float) -> torch.Tensor:
+        self.apply_center_update()
+        return F.softmax((teacher_patch_tokens - self.center) / teacher_temp, dim=-1)
+
+    @torch.no_grad()
+    def sinkhorn_knopp_teacher(
+        self,
+        teacher_output: torch.Tensor,
+        teacher_temp: float,
+        n_masked_patches_tensor: torch.Tensor,
+        n_iterations: int = 3,
+    ) -> torch.Tensor:
+        """Sinkhorn-Knopp over all ranks' masked tokens; `n_masked_patches_tensor` (local count) is not modified."""
+        teacher_output = teacher_output.float()
+        Q = torch.exp(teacher_output / teacher_temp).t()  # K x B_local
+        B = n_masked_patches_tensor.detach().clone().to(device=Q.device, dtype=torch.float32)
+        _all_reduce_sum(B)
+        K = Q.shape[0]
+        return _sinkhorn(Q, B, K, n_iterations).t()
+
+    def forward(
+        self, student_patch_tokens: torch.Tensor, teacher_patch_tokens: torch.Tensor, student_masks_flat: torch.Tensor
+    ) -> torch.Tensor:
+        """Dense variant (B x N x K tokens, B x N masks): mean over images of the per-image mean masked CE."""
+        loss = lossfunc(teacher_patch_tokens, student_patch_tokens, self.student_temp)
+        mask = student_masks_flat.float()
+        loss = torch.sum(loss * mask, dim=-1) / mask.sum(dim=-1).clamp(min=1.0)
+        return -loss.mean()
+
+    def forward_masked(
+        self,
+        student_patch_tokens_masked: torch.Tensor,
+        teacher_patch_tokens_masked: torch.Tensor,
+        student_masks_flat: torch.Tensor,
+        n_masked_patches: Optional[int] = None,
+        masks_weight: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """CE per masked token, weighted by `masks_weight` (default 1 / #masked tokens of its image), summed and
+        divided by the number of images: the mean over images of each image's mean masked-token CE."""
+        s, t = student_patch_tokens_masked, teacher_patch_tokens_masked
+        loss = lossfunc(t, s, self.student_temp)
+        if masks_weight is None:
+            per_image = student_masks_flat.sum(dim=-1).clamp(min=1.0)
+            masks_weight = (1 / per_image).unsqueeze(-1).expand_as(student_masks_flat)[student_masks_flat]
+        if n_masked_patches is not None:
+            loss = loss[:n_masked_patches]
+        loss = loss * masks_weight
+        return -loss.sum() / student_masks_flat.shape[0]
+
+    @torch.no_grad()
+    def update_center(self, teacher_patch_tokens: torch.Tensor) -> None:
+        """`teacher_patch_tokens`: (B, N, K); the batch centre is the mean over patches summed over images, averaged
+        over all ranks' images (for a flat list of n masked tokens pass `tokens[:n].unsqueeze(0)`)."""
+        self.reduce_center_update(teacher_patch_tokens)
+
+    @torch.no_grad()
+    def reduce_center_update(self, teacher_patch_tokens: torch.Tensor) -> None:
+        self.updated = False
+        self.len_teacher_patch_tokens = len(teacher_patch_tokens)
+        self.async_batch_center = torch.sum(teacher_patch_tokens.mean(1), dim=0, keepdim=True)
+        self.reduce_handle = _all_reduce_sum(self.async_batch_center, async_op=True)
+
+    @torch.no_grad()
+    def apply_center_update(self) -> None:
+        if self.updated:
+            return
+        if self.reduce_handle is not None:
+            self.reduce_handle.wait()
+        _t = self.async_batch_center / (self.len_teacher_patch_tokens * distributed.get_global_size())
+        self.center = self.center * self.center_momentum + _t * (1 - self.center_momentum)
+        self.updated = True
+        self.reduce_handle = None
+        self.async_batch_center = None

@@ -1,0 +1,86 @@
+"""SLURM submission through submitit: the cluster options shared by the training and evaluation launchers."""
+
+import argparse
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+import submitit
+
+logger = logging.getLogger("dinov2")
+
+CPUS_PER_TASK = 10
+SIGNAL_DELAY_S = 120  # time between SLURM's USR2 pre-emption/timeout signal and the kill: enough to requeue
+MAX_NUM_TIMEOUT = 30  # how often a job may be requeued after a timeout
+
+
+def _has_option(parsers: List[argparse.ArgumentParser], option: str) -> bool:
+    return any(option in action.option_strings for p in parsers for action in p._actions)
+
+
+def get_args_parser(
+    description: Optional[str] = None,
+    parents: Optional[List[argparse.ArgumentParser]] = None,
+    add_help: bool = True,
+) -> argparse.ArgumentParser:
+    parents = parents or []
+    parser = argparse.ArgumentParser(description=description, parents=parents, add_help=add_help)
+    parser.add_argument("--ngpus", "--gpus", "--gpus-per-node", default=8, type=int, help="Number of GPUs per node")
+    parser.add_argument("--nodes", "--nnodes", default=1, type=int, help="Number of nodes")
+    parser.add_argument("--timeout", default=2800, type=int, help="Duration of the job, in minutes")
+    parser.add_argument("--partition", default=None, type=str, help="SLURM partition (default: the cluster's)")
+    parser.add_argument("--use-volta32", action="store_true", help="Request V100-32GB GPUs (constraint volta32gb)")
+    parser.add_argument("--comment", default="", type=str, help="Comment to pass to scheduler, e.g. priority message")
+    parser.add_argument("--exclude", default="", type=str, help="Nodes to exclude")
+    if not _has_option(parents, "--output-dir"):
+        parser.add_argument("--output-dir", "--output_dir", default="", type=str, help="Job folder (%%j = job id)")
+    return parser
+
+
+def get_executor_parameters(args: argparse.Namespace, name: str) -> Dict[str, Any]:
+    """submitit parameters of one job: `ngpus` tasks per node with one GPU and CPUS_PER_TASK CPUs each."""
+    params: Dict[str, Any] = dict(
+        name=name,
+        mem_gb=0,
+        gpus_per_node=args.ngpus,
+        tasks_per_node=args.ngpus,  # one task per GPU
+        cpus_per_task=CPUS_PER_TASK,
+        nodes=args.nodes,
+        timeout_min=args.timeout,
+        slurm_signal_delay_s=SIGNAL_DELAY_S,
+    )
+    if args.partition:
+        params["slurm_partition"] = args.partition
+    if args.use_volta32:
+        params["slurm_constraint"] = "volta32gb"
+    if args.comment:
+        params["slurm_comment"] = args.comment
+    if args.exclude:
+        params["slurm_exclude"] = args.exclude
+    return params
+
+
+def build_executor(args: argparse.Namespace, name: str, cluster: Optional[str] = None) -> submitit.AutoExecutor:
+    """AutoExecutor writing its files to `args.output_dir` (default `outputs/slurm/%j`); `cluster="debug"` runs
+    the job in this process, `"slurm"` forces SLURM even where sbatch is absent (to inspect the script)."""
+    if not args.output_dir:
+        args.output_dir = os.path.join("outputs", "slurm", "%j")
+    args.output_dir = os.path.abspath(args.output_dir)
+    Path(args.output_dir.replace("%j", "")).mkdir(parents=True, exist_ok=True)
+    executor = submitit.AutoExecutor(folder=args.output_dir, cluster=cluster, slurm_max_num_timeout=MAX_NUM_TIMEOUT)
+    executor.update_parameters(**get_executor_parameters(args, name))
+    return executor
+
+
+def submit_jobs(
+    task_class: Callable[[argparse.Namespace], Callable[[], Any]],
+    args: argparse.Namespace,
+    name: str,
+    cluster: Optional[str] = None,
+) -> submitit.Job:
+    executor = build_executor(args, name, cluster=cluster)
+    job = executor.submit(task_class(args))
+    logger.info(f"Submitted job_id: {job.job_id}")
+    logger.info(f"Logs and checkpoints will be saved at: {args.output_dir}")
+    return job

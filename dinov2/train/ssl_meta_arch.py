@@ -1,0 +1,303 @@
+"""Student/teacher meta-architecture of DINOv2: DINO (image-level), iBOT (masked patches) and KoLeo losses.
+
+The student sees 2 global + `crops.local_crops_number` local crops in ONE backbone call (list input) and ONE head
+call; the teacher (an EMA of the student, no gradient, no drop path) sees the 2 global crops. Crop pairing as
+upstream: the teacher's two global outputs are swapped, so student global crop 1 is matched with teacher crop 2.
+
+Precision: on CUDA the FSDP wrappers follow `compute_precision` (fp16 params with a ShardedGradScaler when
+`compute_precision.grad_scaler`, or bf16 configs with `grad_scaler: false`). On CPU every module runs in fp32 and
+no grad scaler is created whatever the config says, because fp16/bf16 matmuls on CPU are slow and fp16 is unstable.
+"""
+
+import logging
+from typing import Any, Dict, List
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from dinov2.fsdp import ShardedGradScaler, get_fsdp_wrapper, reshard_fsdp_model
+from dinov2.layers import DINOHead
+from dinov2.loss import DINOLoss, KoLeoLoss, iBOTPatchLoss
+from dinov2.models import build_model_from_cfg
+from dinov2.models.vision_transformer import BlockChunk
+from dinov2.utils.param_groups import fuse_params_groups, get_params_groups_with_decay
+from dinov2.utils.utils import has_batchnorms, load_pretrained_weights
+
+logger = logging.getLogger("dinov2")
+
+N_GLOBAL_CROPS = 2
+LOSS_KEYS = ("dino_local_crops_loss", "dino_global_crops_loss", "koleo_loss", "ibot_loss")
+
+
+def _fp32_precision(precision_cfg: DictConfig) -> DictConfig:
+    """Copy of `compute_precision` with every mixed-precision dtype set to fp32 (the CPU path)."""
+    cfg = OmegaConf.create(OmegaConf.to_container(precision_cfg))
+    for side in ("student", "teacher"):
+        for module_cfg in cfg[side].values():
+            for key in module_cfg.mixed_precision:
+                module_cfg.mixed_precision[key] = "fp32"
+    return cfg
+
+
+class SSLMetaArch(nn.Module):
+    """Student and teacher `ModuleDict{backbone, dino_head, ibot_head?}` with the DINOv2 losses."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.use_cuda = torch.cuda.is_available()
+        self.fp16_scaler = ShardedGradScaler() if (self.use_cuda and cfg.compute_precision.grad_scaler) else None
+
+        student_backbone, teacher_backbone, embed_dim = build_model_from_cfg(cfg)
+        student_model_dict = {"backbone": student_backbone}
+        teacher_model_dict = {"backbone": teacher_backbone}
+        self.embed_dim = embed_dim
+        self.dino_out_dim = cfg.dino.head_n_prototypes
+
+        if cfg.student.pretrained_weights:
+            # raw hub .pth, {"model": ...} or {"teacher": ...}; logs "Loaded pretrained weights from <path>"
+            load_pretrained_weights(student_backbone, cfg.student.pretrained_weights, strict=True)
+
+        self.do_dino = cfg.dino.loss_weight > 0
+        self.do_koleo = cfg.dino.koleo_loss_weight > 0
+        self.do_ibot = cfg.ibot.loss_weight > 0
+        self.ibot_separate_head = bool(cfg.ibot.separate_head)
+        self.centering = cfg.train.centering
+        if self.centering not in ("centering", "sinkhorn_knopp"):
+            raise ValueError(f"train.centering must be 'centering' or 'sinkhorn_knopp', got {self.centering!r}")
+        if not (self.do_dino or self.do_ibot):
+            raise ValueError("dino.loss_weight and ibot.loss_weight are both 0: nothing to train")
+
+        self.dino_loss_weight = cfg.dino.loss_weight
+        self.dino_loss = DINOLoss(self.dino_out_dim)
+        if self.do_koleo:
+            self.koleo_loss = KoLeoLoss()
+        student_model_dict["dino_head"] = self._make_head(embed_dim, cfg.dino)
+        teacher_model_dict["dino_head"] = self._make_head(embed_dim, cfg.dino)
+
+        if self.do_ibot:
+            if not (max(cfg.ibot.mask_ratio_min_max) > 0 and cfg.ibot.mask_sample_probability > 0):
+                raise ValueError("ibot.loss_weight > 0 needs ibot.mask_ratio_min_max and mask_sample_probability > 0")
+            self.ibot_loss_weight = cfg.ibot.loss_weight
+            self.ibot_out_dim = cfg.ibot.head_n_prototypes if self.ibot_separate_head else self.dino_out_dim
+            self.ibot_patch_loss = iBOTPatchLoss(self.ibot_out_dim)
+            if self.ibot_separate_head:
+                student_model_dict["ibot_head"] = self._make_head(embed_dim, cfg.ibot)
+                teacher_model_dict["ibot_head"] = self._make_head(embed_dim, cfg.ibot)
+
+        self.student = nn.ModuleDict(student_model_dict)
+        self.teacher = nn.ModuleDict(teacher_model_dict)
+        self._copy_student_to_teacher()
+        for p in self.teacher.parameters():
+            p.requires_grad = False
+        logger.info(f"Student and teacher built: {', '.join(self.student.keys())}; embed_dim {embed_dim}")
+
+    @staticmethod
+    def _make_head(in_dim: int, head_cfg: DictConfig) -> DINOHead:
+        return DINOHead(
+            in_dim=in_dim,
+            out_dim=head_cfg.head_n_prototypes,
+            hidden_dim=head_cfg.head_hidden_dim,
+            bottleneck_dim=head_cfg.head_bottleneck_dim,
+            nlayers=head_cfg.head_nlayers,
+        )
+
+    def _copy_student_to_teacher(self) -> None:
+        for k in self.student.keys():
+            self.teacher[k].load_state_dict(self.student[k].state_dict())
+
+    def forward(self, inputs):
+        raise RuntimeError("SSLMetaArch is trained with forward_backward(images, teacher_temp)")
+
+    def backprop_loss(self, loss: torch.Tensor) -> None:
+        if self.fp16_scaler is not None:
+            self.fp16_scaler.scale(loss).backward()
+        else:
+            loss.backward()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.student.backbone.parameters()).device
+
+    def _teacher_targets(self, images: Dict[str, Any], teacher_temp: float) -> Dict[str, torch.Tensor]:
+        """Teacher forward on the 2 global crops -> centred/Sinkhorn-normalised targets, crops swapped."""
+        global_crops = images["collated_global_crops"]
+        mask_indices_list = images["mask_indices_list"]
+        n_masked_patches = mask_indices_list.shape[0]
+        upperbound = images["upperbound"]
+
+        out = self.teacher.backbone(global_crops, is_training=True)
+        cls_tokens = out["x_norm_clstoken"].chunk(N_GLOBAL_CROPS)
+        cls_tokens = torch.cat((cls_tokens[1], cls_tokens[0]))  # crop 2 is the target of student crop 1
+        n_cls_tokens = cls_tokens.shape[0]
+
+        masked_patch_tokens_after_head = None
+        if self.do_ibot:
+            patch_tokens = out["x_norm_patchtokens"].flatten(0, 1)
+            offset = 0 if self.ibot_separate_head else n_cls_tokens
+            buffer = patch_tokens.new_zeros(offset + upperbound, patch_tokens.shape[-1])
+            if offset:
+                buffer[:offset].copy_(cls_tokens)
+            buffer[offset : offset + n_masked_patches].copy_(torch.index_select(patch_tokens, 0, mask_indices_list))
+            if self.ibot_separate_head:
+                cls_tokens_after_head = self.teacher.dino_head(cls_tokens)
+                masked_patch_tokens_after_head = self.teacher.ibot_head(buffer)[:n_masked_patches]
+            else:
+                tokens_after_head = self.teacher.dino_head(buffer)
+                cls_tokens_after_head = tokens_after_head[:n_cls_tokens]
+                masked_patch_tokens_after_head = tokens_after_head[n_cls_tokens : n_cls_tokens + n_masked_patches]
+        else:
+            cls_tokens_after_head = self.teacher.dino_head(cls_tokens)
+
+        targets = {}
+        if self.centering == "centering":
+            targets["dino"] = self.dino_loss.softmax_center_teacher(cls_tokens_after_head, teacher_temp=teacher_temp)
+            self.dino_loss.update_center(cls_tokens_after_head)
+            if self.do_ibot:
+                masked = masked_patch_tokens_after_head.unsqueeze(0)
+                targets["ibot"] = self.ibot_patch_loss.softmax_center_teacher(masked, teacher_temp=teacher_temp).squeeze(0)
+                self.ibot_patch_loss.update_center(masked)
+        else:
+            targets["dino"] = self.dino_loss.sinkhorn_knopp_teacher(cls_tokens_after_head, teacher_temp=teacher_temp)
+            if self.do_ibot:
+                targets["ibot"] = self.ibot_patch_loss.sinkhorn_knopp_teacher(
+                    masked_patch_tokens_after_head,
+                    teacher_temp=teacher_temp,
+                    n_masked_patches_tensor=images["n_masked_patches"],
+                )
+        targets["dino"] = targets["dino"].view(N_GLOBAL_CROPS, -1, targets["dino"].shape[-1])
+        return targets
+
+    def forward_backward(self, images: Dict[str, Any], teacher_temp: float) -> Dict[str, torch.Tensor]:
+        """One training step's losses (backpropagated) for a batch from `collate_data_and_cast`.
+
+        Normalisation as upstream: with n_local local crops there are 2*n_local local and 2 global DINO terms;
+        each DINO term is divided by their total (a mean over pairs), KoLeo is summed over the 2 global crops, and
+        the iBOT loss is the mean over global crops of the per-crop mean over masked patches. The returned dict holds
+        the displayed values (KoLeo and iBOT per global crop, as upstream) as detached tensors.
+        """
+        device = self.device
+        images = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in images.items()}
+        n_local_crops = self.cfg.crops.local_crops_number
+        global_crops = images["collated_global_crops"]
+        local_crops = images["collated_local_crops"]
+        masks = images["collated_masks"]
+        mask_indices_list = images["mask_indices_list"]
+        n_masked_patches = mask_indices_list.shape[0]
+        upperbound = images["upperbound"]
+
+        n_local_terms = max(n_local_crops * N_GLOBAL_CROPS, 1)
+        n_global_terms = (N_GLOBAL_CROPS - 1) * N_GLOBAL_CROPS
+        n_terms = n_local_terms + n_global_terms
+
+        with torch.no_grad():
+            targets = self._teacher_targets(images, teacher_temp)
+        reshard_fsdp_model(self.teacher)
+
+        student_crops = [global_crops, local_crops] if n_local_crops > 0 else [global_crops]
+        student_masks = [masks, None] if n_local_crops > 0 else [masks]
+        outputs = self.student.backbone(student_crops, masks=student_masks, is_training=True)
+        global_out = outputs[0]
+        global_cls = global_out["x_norm_clstoken"]
+
+        # One head call on [local cls; global cls; masked global patches] (the head is token-wise), then split.
+        head_inputs: List[torch.Tensor] = []
+        if n_local_crops > 0:
+            head_inputs.append(outputs[1]["x_norm_clstoken"])
+        head_inputs.append(global_cls)
+        masked_after_head = None
+        if self.do_ibot:
+            patch_tokens = global_out["x_norm_patchtokens"].flatten(0, 1)
+            buffer = patch_tokens.new_zeros(upperbound, patch_tokens.shape[-1])
+            buffer[:n_masked_patches].copy_(torch.index_select(patch_tokens, 0, mask_indices_list))
+            if self.ibot_separate_head:
+                masked_after_head = self.student.ibot_head(buffer)[:n_masked_patches]
+            else:
+                head_inputs.append(buffer)
+        head_outputs = list(self.student.dino_head(torch.cat(head_inputs)).split([t.shape[0] for t in head_inputs]))
+        local_cls_after_head = head_outputs.pop(0) if n_local_crops > 0 else None
+        global_cls_after_head = head_outputs.pop(0)
+        if self.do_ibot and not self.ibot_separate_head:
+            masked_after_head = head_outputs.pop(0)[:n_masked_patches]
+
+        zero = global_cls.new_zeros(())
+        loss_dict = {k: zero for k in LOSS_KEYS}
+        loss_accumulator = zero
+        if self.do_dino:
+            if n_local_crops > 0:
+                local_loss = self.dino_loss(list(local_cls_after_head.chunk(n_local_crops)), list(targets["dino"]))
+                loss_dict["dino_local_crops_loss"] = local_loss / n_terms
+                loss_accumulator = loss_accumulator + self.dino_loss_weight * loss_dict["dino_local_crops_loss"]
+            # one term over the 2B global outputs, x2 = sum of the two (student crop i, teacher crop 1-i) means
+            global_loss = self.dino_loss([global_cls_after_head], [targets["dino"].flatten(0, 1)])
+            loss_dict["dino_global_crops_loss"] = global_loss * N_GLOBAL_CROPS / n_terms
+            loss_accumulator = loss_accumulator + self.dino_loss_weight * loss_dict["dino_global_crops_loss"]
+        if self.do_koleo:
+            koleo = self.cfg.dino.koleo_loss_weight * sum(self.koleo_loss(p) for p in global_cls.chunk(N_GLOBAL_CROPS))
+            loss_accumulator = loss_accumulator + koleo
+            loss_dict["koleo_loss"] = koleo / N_GLOBAL_CROPS
+        if self.do_ibot:
+            ibot = self.ibot_patch_loss.forward_masked(
+                masked_after_head,
+                targets["ibot"],
+                student_masks_flat=masks,
+                n_masked_patches=n_masked_patches,
+                masks_weight=images["masks_weight"],
+            )
+            # forward_masked averages over the 2B global crops; x2 x 1/2 as upstream (scale by crops, per-crop weight)
+            loss_accumulator = loss_accumulator + self.ibot_loss_weight * ibot
+            loss_dict["ibot_loss"] = ibot / N_GLOBAL_CROPS
+
+        self.backprop_loss(loss_accumulator)
+        loss_dict = {k: v.detach() for k, v in loss_dict.items()}
+        loss_dict["total_loss"] = loss_accumulator.detach()
+        return loss_dict
+
+    @torch.no_grad()
+    def update_teacher(self, m: float) -> None:
+        """teacher <- m * teacher + (1 - m) * student, over matching (identically wrapped) parameters."""
+        student_params, teacher_params = [], []
+        for k in self.student.keys():
+            s_named = list(self.student[k].named_parameters())
+            t_named = list(self.teacher[k].named_parameters())
+            if [n for n, _ in s_named] != [n for n, _ in t_named]:
+                raise RuntimeError(f"student and teacher {k} parameters differ; cannot update the teacher")
+            student_params += [p for _, p in s_named]
+            teacher_params += [p for _, p in t_named]
+        torch._foreach_mul_(teacher_params, m)
+        torch._foreach_add_(teacher_params, student_params, alpha=1 - m)
+
+    def train(self, mode: bool = True) -> "SSLMetaArch":
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    def get_maybe_fused_params_for_submodel(self, m: nn.Module) -> List[Dict[str, Any]]:
+        params_groups = get_params_groups_with_decay(
+            model=m,
+            lr_decay_rate=self.cfg.optim.layerwise_decay,
+            patch_embed_lr_mult=self.cfg.optim.patch_embed_lr_mult,
+        )
+        return list(fuse_params_groups(params_groups))
+
+    def get_params_groups(self) -> List[Dict[str, Any]]:
+        """AdamW groups keyed by (lr_multiplier, wd_multiplier, is_last_layer) for every student submodule."""
+        all_params_groups: List[Dict[str, Any]] = []
+        for m in self.student.values():
+            all_params_groups += self.get_maybe_fused_params_for_submodel(m)
+        return all_params_groups
+
+    def prepare_for_distributed_training(self) -> None:
+        """Teacher <- student, then wrap each submodule with `dinov2.fsdp.get_fsdp_wrapper` (BlockChunk units)."""
+        logger.info("DISTRIBUTED FSDP -- preparing model for distributed training")
+        if has_batchnorms(self.student):
+            raise NotImplementedError("BatchNorm layers are not supported by the FSDP training path")
+        self._copy_student_to_teacher()
+        precision = self.cfg.compute_precision
+        if not self.use_cuda:
+            precision = _fp32_precision(precision)
+        wrap_units = {BlockChunk} if self.cfg.student.block_chunks > 0 else set()
+        for k in list(self.student.keys()):
+            self.student[k] = get_fsdp_wrapper(precision.student[k], modules_to_wrap=wrap_units)(self.student[k])
+            self.teacher[k] = get_fsdp_wrapper(precision.teacher[k], modules_to_wrap=wrap_units)(self.teacher[k])

@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# DINOv2 pretraining on a BBU dataset, then k-NN / linear / log-reg probes of the final teacher and of a random
+# backbone (baseline), then one summary table. With no variables set it is the CPU demo on the sample dataset.
+#
+#   NPROC       processes per node (default: number of visible GPUs, 1 without GPU)
+#   NNODES      nodes (default 1)
+#   CONFIG      training config (default dinov2/configs/train/bbu_sample.yaml)
+#   OUTPUT_DIR  run directory (default outputs/bbu_sample)
+#   DATA_ROOT   BBU dataset root: TRAIN split for pretraining, TRAIN/VAL/TEST for the probes
+#               (default data/bbu_sample, generated with scripts/make_sample_bbu.py if missing)
+#   DATASET     pretraining dataset string (default BBU:root=$DATA_ROOT:split=TRAIN), e.g. an unlabelled pool
+#   NO_RESUME   true|false (default false): true starts fresh instead of resuming from OUTPUT_DIR's checkpoints
+#   EXTRA       more key=value config overrides, e.g. "optim.epochs=20 train.batch_size_per_gpu=32"
+#   LINEAR_OPTS extra options of the linear probe (default --epochs 10 --epoch-length 50: 500 SGD iterations on
+#               cached features, plenty for a few thousand images; upstream uses 10 x 1250 for ImageNet)
+#   PYTHON      python interpreter (default: python from PATH)
+#   RDZV_ENDPOINT  host:port of the rendezvous when NNODES > 1 (run this script on every node); RDZV_ID (dinov2)
+#   EVAL_OPTS   options for the three probes (default: --resize-size S --crop-size S --num-workers W with
+#               S = crops.global_crops_size and W = train.num_workers of the run's config.yaml)
+set -euo pipefail
+
+cd "$(dirname "$0")/../.."
+PYTHON="${PYTHON:-python}"
+NNODES="${NNODES:-1}"
+CONFIG="${CONFIG:-dinov2/configs/train/bbu_sample.yaml}"
+OUTPUT_DIR="${OUTPUT_DIR:-outputs/bbu_sample}"
+DATA_ROOT="${DATA_ROOT:-data/bbu_sample}"
+DATASET="${DATASET:-BBU:root=${DATA_ROOT}:split=TRAIN}"
+NO_RESUME="${NO_RESUME:-false}"
+EXTRA="${EXTRA:-}"
+LINEAR_OPTS="${LINEAR_OPTS:---epochs 10 --epoch-length 50}"
+if [[ -z "${NPROC:-}" ]]; then
+    NPROC="$("$PYTHON" -c 'import torch; print(max(torch.cuda.device_count(), 1))')"
+fi
+
+if [[ "$NNODES" == 1 ]]; then
+    LAUNCH=(--standalone)  # a free local port
+elif [[ -n "${RDZV_ENDPOINT:-}" ]]; then
+    LAUNCH=(--rdzv_backend=c10d --rdzv_endpoint="$RDZV_ENDPOINT" --rdzv_id="${RDZV_ID:-dinov2}")
+else
+    echo "NNODES=$NNODES needs RDZV_ENDPOINT=host:port (the same on every node)" >&2; exit 2
+fi
+
+case "$NO_RESUME" in
+    true) RESUME_FLAG=(--no-resume) ;;
+    false) RESUME_FLAG=() ;;
+    *) echo "NO_RESUME must be true or false, got '$NO_RESUME'" >&2; exit 2 ;;
+esac
+
+if [[ ! -f "$DATA_ROOT/annotations/train.json" ]]; then
+    echo "== generating the sample BBU dataset in $DATA_ROOT"
+    "$PYTHON" scripts/make_sample_bbu.py "$DATA_ROOT"
+fi
+
+echo "== pretraining: $NNODES node(s) x $NPROC process(es), config $CONFIG, output $OUTPUT_DIR"
+# shellcheck disable=SC2086  # EXTRA is a list of overrides
+"$PYTHON" -m torch.distributed.run "${LAUNCH[@]}" --nproc_per_node="$NPROC" --nnodes="$NNODES" \
+    dinov2/train/train.py --config-file "$CONFIG" --output-dir "$OUTPUT_DIR" "${RESUME_FLAG[@]}" \
+    "train.dataset_path=$DATASET" $EXTRA
+
+EVAL_CONFIG="$OUTPUT_DIR/config.yaml"
+cfg_value() {  # $1 = python expression of the run's resolved config `c`
+    "$PYTHON" -c 'import sys; from omegaconf import OmegaConf; c = OmegaConf.load(sys.argv[1]); print(eval(sys.argv[2]))' \
+        "$EVAL_CONFIG" "$1"
+}
+LAST_EVAL="$OUTPUT_DIR/eval/training_$(cfg_value 'c.optim.epochs * c.train.OFFICIAL_EPOCH_LENGTH - 1')"
+TEACHER="$LAST_EVAL/teacher_checkpoint.pth"
+if [[ ! -f "$TEACHER" ]]; then
+    echo "the final teacher $TEACHER does not exist" >&2
+    exit 1
+fi
+echo "== evaluating $TEACHER"
+
+TRAIN_SPLIT="BBU:root=${DATA_ROOT}:split=TRAIN"
+VAL_SPLIT="BBU:root=${DATA_ROOT}:split=VAL"
+TEST_SPLIT="BBU:root=${DATA_ROOT}:split=TEST"
+if [[ -z "${EVAL_OPTS:-}" ]]; then
+    EVAL_OPTS="$(cfg_value '"--resize-size {0} --crop-size {0} --num-workers {1}".format(c.crops.global_crops_size, c.train.num_workers)')"
+fi
+
+run_probes() {  # $1 = weights, $2 = output directory (the three probes share its feature cache)
+    local weights="$1" out="$2"
+    # shellcheck disable=SC2086  # EVAL_OPTS is a list of options
+    "$PYTHON" -m dinov2.eval.knn --config-file "$EVAL_CONFIG" --pretrained-weights "$weights" --output-dir "$out" \
+        --train-dataset "$TRAIN_SPLIT" --val-dataset "$TEST_SPLIT" $EVAL_OPTS
+    # shellcheck disable=SC2086
+    "$PYTHON" -m dinov2.eval.linear --config-file "$EVAL_CONFIG" --pretrained-weights "$weights" --output-dir "$out" \
+        --train-dataset "$TRAIN_SPLIT" --val-dataset "$VAL_SPLIT" --test-datasets "$TEST_SPLIT" $EVAL_OPTS $LINEAR_OPTS
+    # shellcheck disable=SC2086
+    "$PYTHON" -m dinov2.eval.log_regression --config-file "$EVAL_CONFIG" --pretrained-weights "$weights" \
+        --output-dir "$out" --train-dataset "$TRAIN_SPLIT" --val-dataset "$VAL_SPLIT" --test-datasets "$TEST_SPLIT" \
+        $EVAL_OPTS
+}
+
+run_probes "$TEACHER" "$OUTPUT_DIR/eval/final/teacher"
+run_probes random "$OUTPUT_DIR/eval/final/random"
+
+echo "== summary (teacher of $LAST_EVAL vs random initialisation)"
+"$PYTHON" -m dinov2.eval.summary --eval-dir "$OUTPUT_DIR/eval/final/teacher" --baseline-dir "$OUTPUT_DIR/eval/final/random"

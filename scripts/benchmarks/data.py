@@ -1,0 +1,170 @@
+"""Data pipeline speed: DINO multi-crop samples/s (decode + DataAugmentationDINO), per worker and in total.
+
+Reads `--dataset` (a dataset string, e.g. BBU:root=<R>:split=TRAIN) or, without it, synthetic JPEGs of each
+`--image-size` written to a temporary folder (smooth gradient + mild noise + rectangles, quality 90).
+With `--num-workers 0` the samples are produced in this process on one thread; otherwise by a DataLoader whose
+workers each use one thread (PyTorch's default in workers). The first batch (worker start-up) is not timed.
+On a shared machine use `--repeats`: the paths are measured in turn and the best run is the least disturbed one.
+"""
+
+import argparse
+import io
+import os
+import tempfile
+import time
+from typing import Dict, List, Tuple
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from PIL import Image, ImageDraw
+
+from dinov2.configs import dinov2_default_config
+from dinov2.data import DataAugmentationDINO, SamplerType, make_data_loader, make_dataset
+from dinov2.data.augmentations import make_augmentation_from_cfg
+
+NUM_SYNTHETIC_IMAGES = 4
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    crops = dinov2_default_config.crops
+    parser.add_argument("--dataset", default=None, help="dataset string; default: synthetic JPEGs of --image-size")
+    parser.add_argument("--image-size", nargs="+", default=["1920x1440"], help="WxH of synthetic JPEGs (several ok)")
+    parser.add_argument("--path", choices=("fast", "reference", "both"), default="fast",
+                        help="crop pipeline: fast (draft decode, crop first) or reference (torchvision PIL)")
+    parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers; 0 = in this process")
+    parser.add_argument("--num-samples", type=int, default=40, help="timed samples per measurement")
+    parser.add_argument("--batch-size", type=int, default=4, help="DataLoader batch size (num-workers > 0)")
+    parser.add_argument("--local-crops-number", type=int, default=crops.local_crops_number)
+    parser.add_argument("--global-crops-size", type=int, default=crops.global_crops_size)
+    parser.add_argument("--local-crops-size", type=int, default=crops.local_crops_size)
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="measurements per path and size, interleaved across paths; best and median are reported")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def _parse_size(text: str) -> Tuple[int, int]:
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise SystemExit(f"--image-size {text!r}: expected WxH, e.g. 1920x1440") from None
+    return width, height
+
+
+def write_synthetic_jpegs(folder: str, width: int, height: int, count: int, seed: int) -> None:
+    """`count` photo-like JPEGs (gradient, noise sigma 3, 30 rectangles), quality 90, into `folder`."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    gradient = np.stack([xx / width * 200, yy / height * 200, (xx + yy) / (width + height) * 255], axis=-1)
+    for k in range(count):
+        pixels = np.clip(gradient + rng.normal(0.0, 3.0, gradient.shape), 0, 255).astype(np.uint8)
+        image = Image.fromarray(pixels)
+        draw = ImageDraw.Draw(image)
+        for _ in range(30):
+            x0, y0 = int(rng.integers(0, width)), int(rng.integers(0, height))
+            x1 = x0 + int(rng.integers(10, max(11, width // 4)))
+            y1 = y0 + int(rng.integers(10, max(11, height // 4)))
+            draw.rectangle((x0, y0, x1, y1), fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+        image.save(os.path.join(folder, f"synthetic_{k:03d}.jpg"), quality=90)
+
+
+def _stack_crops(samples: List[Tuple[Dict, object]]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Crop-major stacking as in training, without masks (only the augmentation is measured)."""
+    first = samples[0][0]
+    global_crops = torch.stack([s[0]["global_crops"][i] for i in range(len(first["global_crops"])) for s in samples])
+    local_crops = torch.stack([s[0]["local_crops"][i] for i in range(len(first["local_crops"])) for s in samples])
+    return global_crops, local_crops
+
+
+def _measure(dataset, args: argparse.Namespace) -> Tuple[int, float]:
+    """(samples, seconds) to produce about args.num_samples samples, after an untimed warm-up sample or batch."""
+    if args.num_workers == 0:
+        torch.set_num_threads(1)
+        order = np.random.default_rng(args.seed).integers(0, len(dataset), args.num_samples + 1)
+        dataset[int(order[0])]
+        start = time.perf_counter()
+        for index in order[1:]:
+            dataset[int(index)]
+        return args.num_samples, time.perf_counter() - start
+    loader = make_data_loader(
+        dataset=dataset,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        seed=args.seed,
+        sampler_type=SamplerType.INFINITE,
+        collate_fn=_stack_crops,
+    )
+    batches = iter(loader)
+    next(batches)
+    num_batches = max(1, -(-args.num_samples // args.batch_size))
+    start = time.perf_counter()
+    for _ in range(num_batches):
+        next(batches)
+    return num_batches * args.batch_size, time.perf_counter() - start
+
+
+def _first_image_size(dataset) -> str:
+    """WxH of sample 0 (header only), to label measurements on a real dataset."""
+    width, height = Image.open(io.BytesIO(dataset.get_image_data(0))).size
+    return f"{width}x{height}"
+
+
+def _make_transform(path: str, args: argparse.Namespace) -> DataAugmentationDINO:
+    """The training transform (`make_augmentation_from_cfg` on the default config) with this run's crop options."""
+    overrides = {
+        "local_crops_number": args.local_crops_number,
+        "global_crops_size": args.global_crops_size,
+        "local_crops_size": args.local_crops_size,
+        "fast_augmentation": path == "fast",
+    }
+    return make_augmentation_from_cfg(OmegaConf.merge(dinov2_default_config, {"crops": overrides}))
+
+
+def run(args: argparse.Namespace) -> List[dict]:
+    paths = ("reference", "fast") if args.path == "both" else (args.path,)
+    records = []
+    with tempfile.TemporaryDirectory(prefix="dinov2_bench_data_") as tmp:
+        sources = []
+        if args.dataset:
+            sources.append((args.dataset, None))
+        else:
+            for text in args.image_size:
+                width, height = _parse_size(text)
+                folder = os.path.join(tmp, f"{width}x{height}")
+                os.makedirs(folder)
+                write_synthetic_jpegs(folder, width, height, NUM_SYNTHETIC_IMAGES, args.seed)
+                sources.append((f"ImageFolder:root={folder}", f"{width}x{height}"))
+        for dataset_str, image_size in sources:
+            datasets = {
+                path: make_dataset(
+                    dataset_str=dataset_str, transform=_make_transform(path, args), target_transform=lambda _: ()
+                )
+                for path in paths
+            }
+            image_size = image_size or _first_image_size(datasets[paths[0]])
+            rates: Dict[str, List[float]] = {path: [] for path in paths}
+            counts: Dict[str, int] = {}
+            for _ in range(max(1, args.repeats)):
+                for path in paths:
+                    samples, seconds = _measure(datasets[path], args)
+                    rates[path].append(samples / seconds)
+                    counts[path] = samples
+            for path in paths:
+                best, median = max(rates[path]), float(np.median(rates[path]))
+                records.append(
+                    {
+                        "benchmark": "data",
+                        "dataset": args.dataset or "synthetic",
+                        "image_size": image_size,
+                        "path": path,
+                        "num_workers": args.num_workers,
+                        "num_samples": counts[path],
+                        "repeats": len(rates[path]),
+                        "crops": f"2x{args.global_crops_size} + {args.local_crops_number}x{args.local_crops_size}",
+                        "samples_per_s": round(best, 2),
+                        "samples_per_s_median": round(median, 2),
+                        "samples_per_s_per_worker": round(best / max(1, args.num_workers), 2),
+                        "load_avg_1min": round(os.getloadavg()[0], 2),
+                    }
+                )
+    return records

@@ -1,0 +1,76 @@
+"""Feature-extraction speed: images/s of the probes' extraction pass (class tokens of the last blocks + mean patch
+token, inference mode) on synthetic normalised images, and peak memory on CUDA.
+
+The backbone is randomly initialised from the default config with `--arch/--patch-size/--img-size`; data loading is
+not measured (see the `data` benchmark). The first `--warmup` batches are not timed.
+"""
+
+import argparse
+import time
+from typing import Dict, List
+
+import torch
+from omegaconf import OmegaConf
+
+from dinov2.configs import dinov2_default_config
+from dinov2.eval.features import MAX_BLOCKS, ProbeFeatureModel
+from dinov2.eval.utils import make_autocast_ctx
+from dinov2.models import build_model_from_cfg
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--arch", default="vit_small", help="vit_tiny, vit_small, vit_base, vit_large, vit_giant2")
+    parser.add_argument("--patch-size", type=int, default=14)
+    parser.add_argument("--img-size", type=int, default=224, help="input crop size (and position-embedding grid)")
+    parser.add_argument("--num-register-tokens", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="autocast dtype (fp16 only on CUDA)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed batches")
+    parser.add_argument("--iters", type=int, default=3, help="timed batches")
+
+
+def run(args: argparse.Namespace) -> List[Dict[str, object]]:
+    device = torch.device(args.device)
+    if args.dtype == "fp16" and device.type != "cuda":
+        raise SystemExit("--dtype fp16 needs --device cuda (use bf16 or fp32 on CPU)")
+    cfg = OmegaConf.create(dinov2_default_config)
+    cfg.student.arch, cfg.student.patch_size = args.arch, args.patch_size
+    cfg.student.num_register_tokens = args.num_register_tokens
+    cfg.crops.global_crops_size = args.img_size
+    torch.manual_seed(0)
+    backbone, _ = build_model_from_cfg(cfg, only_teacher=True)
+    backbone.eval().to(device)
+    n_blocks = min(MAX_BLOCKS, int(backbone.n_blocks))
+    model = ProbeFeatureModel(backbone, n_blocks, make_autocast_ctx(DTYPES[args.dtype], device))
+    images = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
+    for _ in range(args.warmup):
+        model(images)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    for _ in range(args.iters):
+        model(images)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    peak_mib = round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda" else None
+    return [
+        {
+            "benchmark": "extract",
+            "arch": args.arch,
+            "patch_size": args.patch_size,
+            "img_size": args.img_size,
+            "batch_size": args.batch_size,
+            "dtype": args.dtype,
+            "device": str(device),
+            "threads": torch.get_num_threads(),
+            "n_blocks": n_blocks,
+            "images_per_s": round(args.iters * args.batch_size / seconds, 2),
+            "ms_per_batch": round(1000 * seconds / args.iters, 2),
+            "peak_memory_mib": peak_mib,
+        }
+    ]

@@ -1,0 +1,185 @@
+"""Training speed: full SSL iterations/s on synthetic pre-collated batches with the config's real crop shapes.
+
+One timed iteration = schedules + zero_grad + forward_backward + (scaler unscale) + clip + step + EMA update +
+loss `.item()` (a host sync, so every iteration is complete when its time is taken). The data pipeline is not
+timed (see the `data` benchmark). Prints images/s from the mean and the median iteration time, peak CUDA memory,
+model TFLOP/s and MFU (with --peak-tflops, or the device's known dense fp16/bf16 peak).
+
+Model FLOPs per iteration (matmul FLOPs = 2 x multiply-accumulates; attention scores and attention x values
+included; norms, softmax and element-wise ops not counted):
+    F = F_fwd(teacher backbone, 2B global crops) + F_fwd(teacher heads, 2B cls + masked-token buffer)
+      + 3 x [F_fwd(student backbone, 2B global + n_local*B local crops) + F_fwd(student heads, all head tokens)]
+(backward = 2 x forward). Backbone forward per image with T tokens (patches + cls + registers), width D,
+depth L: 2 * n_patches * (3 * p^2) * D  +  L * (2 * T * M_block + 4 * T^2 * D), where M_block is the sum of
+in x out over the Linear layers of one block (qkv, proj, MLP or SwiGLU). Heads: 2 * tokens * sum of in x out
+over the head's Linear layers.
+"""
+
+import argparse
+import random
+import statistics
+import time
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+
+import dinov2.distributed as distributed
+from dinov2.data import MaskingGenerator, collate_data_and_cast
+from dinov2.train.ssl_meta_arch import SSLMetaArch
+from dinov2.train.train import apply_optim_scheduler, build_optimizer, build_schedulers, clip_gradients
+from dinov2.utils.config import apply_scaling_rules_to_cfg, get_cfg_from_args
+from dinov2.utils.dtype import as_torch_dtype
+
+# Dense fp16/bf16 tensor-core peaks (TFLOP/s) for MFU when --peak-tflops is not given.
+KNOWN_PEAK_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "V100": 125.0, "L40S": 362.1, "A10": 125.0}
+NUM_SYNTHETIC_BATCHES = 2
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config-file", default="dinov2/configs/train/bbu_sample.yaml", help="training config")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed iterations first")
+    parser.add_argument("--iterations", type=int, default=10, help="timed iterations")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: known GPUs)")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides key=value")
+
+
+def _linear_macs(module: nn.Module) -> int:
+    return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
+
+
+def backbone_forward_flops(backbone: nn.Module, img_size: int, n_images: int) -> int:
+    patch = backbone.patch_size
+    n_patches = (img_size // patch) ** 2
+    n_tokens = n_patches + 1 + getattr(backbone, "num_register_tokens", 0)
+    dim = backbone.embed_dim
+    blocks = [m for m in backbone.modules() if type(m).__name__ in ("Block", "NestedTensorBlock")]
+    per_image = 2 * n_patches * 3 * patch * patch * dim
+    per_image += sum(2 * n_tokens * _linear_macs(b) + 4 * n_tokens * n_tokens * dim for b in blocks)
+    return per_image * n_images
+
+
+def iteration_flops(model: SSLMetaArch, cfg, batch: Dict) -> int:
+    """Model FLOPs of one training iteration (formula in the module docstring)."""
+    b = cfg.train.batch_size_per_gpu
+    n_local = cfg.crops.local_crops_number
+    n_cls_teacher = 2 * b
+    buffer = batch["upperbound"]
+    backbone = model.student.backbone
+    teacher_backbone = backbone_forward_flops(backbone, cfg.crops.global_crops_size, 2 * b)
+    student_backbone = teacher_backbone + backbone_forward_flops(backbone, cfg.crops.local_crops_size, n_local * b)
+    dino_macs = _linear_macs(model.student.dino_head)
+    if model.do_ibot and model.ibot_separate_head:
+        ibot_macs = _linear_macs(model.student.ibot_head)
+        teacher_heads = 2 * (n_cls_teacher * dino_macs + buffer * ibot_macs)
+        student_heads = 2 * ((n_local * b + 2 * b) * dino_macs + buffer * ibot_macs)
+    else:
+        masked = buffer if model.do_ibot else 0
+        teacher_heads = 2 * (n_cls_teacher + masked) * dino_macs
+        student_heads = 2 * (n_local * b + 2 * b + masked) * dino_macs
+    return teacher_backbone + teacher_heads + 3 * (student_backbone + student_heads)
+
+
+def synthetic_batch(cfg, dtype: torch.dtype, generator: torch.Generator) -> Dict:
+    """A batch from `collate_data_and_cast` on random crops of the configured sizes (real iBOT masks)."""
+    g, loc = cfg.crops.global_crops_size, cfg.crops.local_crops_size
+    grid = g // cfg.student.patch_size
+    samples = []
+    for _ in range(cfg.train.batch_size_per_gpu):
+        crops = {
+            "global_crops": [torch.randn(3, g, g, generator=generator) for _ in range(2)],
+            "local_crops": [torch.randn(3, loc, loc, generator=generator) for _ in range(cfg.crops.local_crops_number)],
+        }
+        samples.append((crops, ()))
+    return collate_data_and_cast(
+        samples,
+        mask_ratio_tuple=tuple(cfg.ibot.mask_ratio_min_max),
+        mask_probability=cfg.ibot.mask_sample_probability,
+        dtype=dtype,
+        n_tokens=grid * grid,
+        mask_generator=MaskingGenerator(input_size=(grid, grid), max_num_patches=0.5 * grid * grid),
+    )
+
+
+def _peak_tflops(args: argparse.Namespace, device: torch.device) -> Optional[float]:
+    if args.peak_tflops is not None:
+        return args.peak_tflops
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in KNOWN_PEAK_TFLOPS.items() if k in name), None)
+
+
+def run(args: argparse.Namespace) -> List[Dict]:
+    cfg = get_cfg_from_args(argparse.Namespace(config_file=args.config_file, opts=args.opts, output_dir=""))
+    distributed.enable(overwrite=True)
+    apply_scaling_rules_to_cfg(cfg)
+    torch.manual_seed(int(cfg.train.seed))
+    random.seed(int(cfg.train.seed))
+    use_cuda = torch.cuda.is_available()
+    device = torch.device("cuda") if use_cuda else torch.device("cpu")
+    dtype = as_torch_dtype(cfg.compute_precision.student.backbone.mixed_precision.param_dtype) if use_cuda else torch.float32
+
+    model = SSLMetaArch(cfg).to(device)
+    model.prepare_for_distributed_training()
+    model.train()
+    optimizer = build_optimizer(cfg, model.get_params_groups())
+    schedules = build_schedulers(cfg)
+    generator = torch.Generator().manual_seed(int(cfg.train.seed))
+    batches = [synthetic_batch(cfg, dtype, generator) for _ in range(NUM_SYNTHETIC_BATCHES)]
+    batches = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in b.items()} for b in batches]
+    scaler = model.fp16_scaler
+
+    def step(it: int) -> float:
+        lr, wd, mom, teacher_temp, last_layer_lr = (float(s[it]) for s in schedules)
+        apply_optim_scheduler(optimizer, lr, wd, last_layer_lr)
+        optimizer.zero_grad(set_to_none=True)
+        loss_dict = model.forward_backward(batches[it % len(batches)], teacher_temp=teacher_temp)
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        if cfg.optim.clip_grad:
+            clip_gradients(model, cfg.optim.clip_grad)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        model.update_teacher(mom)
+        return loss_dict["total_loss"].item()
+
+    for it in range(args.warmup):
+        step(it)
+    if use_cuda:
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for it in range(args.warmup, args.warmup + args.iterations):
+        start = time.perf_counter()
+        step(it)
+        times.append(time.perf_counter() - start)
+
+    b = cfg.train.batch_size_per_gpu
+    mean_t, median_t = statistics.mean(times), statistics.median(times)
+    flops = iteration_flops(model, cfg, batches[0])
+    tflops = flops / median_t / 1e12
+    peak = _peak_tflops(args, device)
+    return [
+        {
+            "benchmark": "train",
+            "config": args.config_file,
+            "overrides": list(args.opts),
+            "device": torch.cuda.get_device_name(device) if use_cuda else f"cpu ({torch.get_num_threads()} threads)",
+            "arch": cfg.student.arch,
+            "batch_size": b,
+            "crops": f"2x{cfg.crops.global_crops_size} + {cfg.crops.local_crops_number}x{cfg.crops.local_crops_size}",
+            "dtype": str(dtype).replace("torch.", ""),
+            "iterations": args.iterations,
+            "iter_time_mean_s": round(mean_t, 4),
+            "iter_time_median_s": round(median_t, 4),
+            "images_per_s_mean": round(b / mean_t, 2),
+            "images_per_s_median": round(b / median_t, 2),
+            "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if use_cuda else None,
+            "model_gflop_per_iter": round(flops / 1e9, 2),
+            "model_tflops": round(tflops, 4),
+            "mfu": round(tflops / peak, 4) if peak else None,
+        }
+    ]

@@ -1,0 +1,126 @@
+import builtins
+
+import pytest
+
+import dinov2.distributed as distributed
+from dinov2.distributed import detect_environment, parse_slurm_first_host
+
+SLURM_ENV = {
+    "SLURM_JOB_ID": "123456",
+    "SLURM_JOB_NUM_NODES": "2",
+    "SLURM_JOB_NODELIST": "gpu[007-008]",
+    "SLURM_PROCID": "5",
+    "SLURM_NTASKS": "8",
+    "SLURM_LOCALID": "1",
+}
+TORCHRUN_ENV = {
+    "MASTER_ADDR": "10.0.0.1",
+    "MASTER_PORT": "29555",
+    "RANK": "3",
+    "WORLD_SIZE": "4",
+    "LOCAL_RANK": "1",
+    "LOCAL_WORLD_SIZE": "2",
+}
+
+
+@pytest.fixture(autouse=True)
+def no_scontrol(monkeypatch):
+    monkeypatch.setattr(distributed.shutil, "which", lambda name: None)
+
+
+def test_slurm_environment():
+    env = detect_environment(SLURM_ENV)
+    assert (env.source, env.master_addr, env.rank, env.world_size) == ("slurm", "gpu007", 5, 8)
+    assert (env.local_rank, env.local_world_size) == (1, 4)
+    assert 20000 <= env.master_port < 60000
+    assert detect_environment(SLURM_ENV).master_port == env.master_port  # every task derives the same port
+    assert detect_environment({**SLURM_ENV, "SLURM_JOB_ID": "123457"}).master_port != env.master_port
+    assert detect_environment({**SLURM_ENV, "MASTER_PORT": "31000"}).master_port == 31000
+
+
+def test_slurm_master_from_scontrol(monkeypatch):
+    calls = []
+
+    class Result:
+        stdout = "nodeA\nnodeB\n"
+
+    def fake_run(cmd, **kwargs):
+        calls.append(cmd)
+        return Result()
+
+    monkeypatch.setattr(distributed.shutil, "which", lambda name: "/usr/bin/scontrol")
+    monkeypatch.setattr(distributed.subprocess, "run", fake_run)
+    assert detect_environment(SLURM_ENV).master_addr == "nodeA"
+    assert calls == [["scontrol", "show", "hostnames", "gpu[007-008]"]]
+
+
+def test_slurm_errors_and_allocation_without_srun(caplog):
+    salloc_shell = {k: v for k, v in SLURM_ENV.items() if k not in ("SLURM_PROCID", "SLURM_LOCALID")}
+    logger = distributed.logger
+    logger.propagate, previous = True, logger.propagate
+    try:
+        with caplog.at_level("WARNING", logger="dinov2"):
+            env = detect_environment(salloc_shell)
+    finally:
+        logger.propagate = previous
+    assert (env.source, env.world_size) == ("local", 1)
+    assert "['SLURM_PROCID', 'SLURM_LOCALID'] are not (not an srun task)" in caplog.text
+    with pytest.raises(RuntimeError, match="SLURM_NTASKS=7 is not a multiple"):
+        detect_environment({**SLURM_ENV, "SLURM_NTASKS": "7"})
+
+
+@pytest.mark.parametrize(
+    "nodelist, first",
+    [("node1", "node1"), ("gpu[003-005,009],cpu1", "gpu003"), ("a-b[10,2]", "a-b10"), ("n[1-2],m[3]", "n1")],
+)
+def test_parse_slurm_first_host(nodelist, first):
+    assert parse_slurm_first_host(nodelist) == first
+
+
+def test_torchrun_environment_takes_precedence_over_slurm():
+    env = detect_environment({**SLURM_ENV, **TORCHRUN_ENV})
+    assert env == distributed.DistributedEnvironment("torchrun", "10.0.0.1", 29555, 3, 4, 1, 2)
+    assert env.as_env() == TORCHRUN_ENV
+
+
+def test_partial_torchrun_environment_is_an_error():
+    partial = {k: v for k, v in TORCHRUN_ENV.items() if k not in ("MASTER_PORT", "LOCAL_WORLD_SIZE")}
+    with pytest.raises(RuntimeError, match=r"\['MASTER_PORT', 'LOCAL_WORLD_SIZE'\] missing"):
+        detect_environment(partial)
+    with pytest.raises(RuntimeError, match="RANK='x' is not an integer"):
+        detect_environment({**TORCHRUN_ENV, "RANK": "x"})
+
+
+def test_single_process_environment():
+    env = detect_environment({"MASTER_PORT": "1234"})  # a lone MASTER_PORT is not a partial torchrun env
+    assert (env.source, env.rank, env.world_size, env.local_rank, env.local_world_size) == ("local", 0, 1, 0, 1)
+    assert 0 < env.master_port < 65536
+
+
+def test_helpers_without_process_group(monkeypatch):
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    assert not distributed.is_enabled()
+    assert distributed.get_global_rank() == 0 and distributed.get_global_size() == 1
+    assert distributed.get_local_rank() == 0 and distributed.get_local_size() == 1
+    assert distributed.is_main_process()
+    distributed.barrier()
+    t = distributed.all_reduce_mean(distributed.torch.tensor([2.0]))
+    assert t.item() == 2.0
+
+
+def test_enable_single_process_gloo_and_disable(monkeypatch):
+    for key in [*TORCHRUN_ENV, *SLURM_ENV]:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(distributed.torch.cuda, "is_available", lambda: False)
+    original_print = builtins.print
+    try:
+        distributed.enable(overwrite=True)
+        distributed.enable()  # idempotent
+        assert distributed.is_enabled()
+        assert distributed.torch.distributed.get_backend() == "gloo"
+        assert distributed.get_global_size() == 1 and distributed.get_global_rank() == 0
+        assert distributed.get_local_size() == 1 and distributed.is_main_process()
+    finally:
+        distributed.disable()
+    assert builtins.print is original_print and not distributed.is_enabled()
+    assert not [key for key in TORCHRUN_ENV if key in distributed.os.environ]  # exported variables removed again

@@ -1,0 +1,72 @@
+"""dinov2.eval.log_regression: saved coefficients reproduce scikit-learn, group-disjoint hold-out, CLI outputs."""
+
+import argparse
+import csv
+import json
+
+import numpy as np
+import pytest
+from eval_helpers import cached_feature_set, read_results
+from sklearn.linear_model import LogisticRegression
+
+from dinov2.eval.features import FeatureSet
+from dinov2.eval.log_regression import _held_out_groups, c_grid, classifier_parameters, log_regression_probabilities
+
+
+@pytest.mark.parametrize("classes", [[0, 1], [0, 1, 2], [0, 2]])
+def test_saved_parameters_reproduce_predict_proba(classes):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 5))
+    y = np.array(classes)[rng.integers(0, len(classes), 60)]
+    model = LogisticRegression(C=0.7, max_iter=500).fit(x, y)
+    params = json.loads(json.dumps(classifier_parameters(model, 0.7)))  # through JSON, as saved
+    probs = log_regression_probabilities(params, x, num_classes=3)
+    assert probs[:, classes] == pytest.approx(model.predict_proba(x), abs=1e-9)
+    missing = [c for c in range(3) if c not in classes]
+    assert np.all(probs[:, missing] == 0)
+
+
+def test_c_grid_is_upstreams_by_default():
+    grid = c_grid(argparse.Namespace(c_values=None, n_c=45))
+    assert len(grid) == 45 and grid[0] == pytest.approx(1e-6) and grid[-1] == pytest.approx(1e5)
+    assert grid == pytest.approx(list(10 ** np.linspace(-6, 5, 45)))
+    assert c_grid(argparse.Namespace(c_values=[0.1, 2.0], n_c=45)) == [0.1, 2.0]
+    with pytest.raises(ValueError, match="n-c"):
+        c_grid(argparse.Namespace(c_values=None, n_c=0))
+
+
+def test_held_out_split_is_group_disjoint_and_stratified():
+    groups = [str(i // 3) for i in range(60)]
+    labels = np.array([int(i // 3 < 5) for i in range(60)])  # groups 0-4 positive, 5-19 negative
+    labels[59] = 1  # a mixed group (19) counts as positive
+    train = FeatureSet("t", None, None, labels, groups, [""] * 60, ["a", "b"])
+    fit, held = _held_out_groups(train, seed=0)
+    assert sorted(np.concatenate([fit, held]).tolist()) == list(range(60))
+    held_groups = {groups[i] for i in held}
+    assert not held_groups & {groups[i] for i in fit}
+    # 10% of 6 positive groups -> 1, 10% of 14 negative groups -> 1
+    assert len(held_groups) == 2 and len(held_groups & {"0", "1", "2", "3", "4", "19"}) == 1
+    assert np.array_equal(held, _held_out_groups(train, seed=0)[1])
+    single = FeatureSet("t", None, None, np.zeros(3, dtype=np.int64), ["g"] * 3, [""] * 3, ["a", "b"])
+    assert _held_out_groups(single, seed=0)[1].tolist() == []
+
+
+def test_log_regression_results_and_classifier(teacher_run, sample_root):
+    output_dir, _ = teacher_run
+    results = read_results(output_dir, "log_regression")
+    val_str, test_str = (f"BBU:root={sample_root}:split={s}" for s in ("VAL", "TEST"))
+    assert list(results["datasets"]) == [val_str, test_str]
+    assert results["best_C"] in c_grid(argparse.Namespace(c_values=None, n_c=3)) and len(results["grid"]) == 3
+    assert results["settings"]["solver"] == "sklearn"
+    assert results["thresholds"]["chosen_on"] == f"BBU:root={sample_root}:split=TRAIN (held-out 2 groups)"
+    saved = json.loads((output_dir / "log_regression_classifier.json").read_text())
+    assert saved["C"] == results["best_C"] and saved["thresholds"] == results["thresholds"]
+    assert np.asarray(saved["coef"]).shape == (1, 192) and saved["classes"] == [0, 1]
+    features = cached_feature_set(output_dir, "test")
+    scores = log_regression_probabilities(saved, features.normalized_cls().double().numpy(), 2)[:, 1]
+    with open(output_dir / "predictions_log_regression_test.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [float(r["score"]) for r in rows] == pytest.approx(scores, abs=1e-5)
+    entry = results["datasets"][test_str]
+    assert results[f"{test_str} top-1"] == pytest.approx(100 * entry["image"]["top-1"])
+    assert entry["settings"] == {"C": results["best_C"]}

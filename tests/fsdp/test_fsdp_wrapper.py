@@ -1,0 +1,85 @@
+import warnings
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+from torch.distributed.fsdp import MixedPrecision, ShardingStrategy
+
+import dinov2.distributed as distributed
+from dinov2.fsdp import (
+    ShardedGradScaler,
+    get_fsdp_modules,
+    get_fsdp_wrapper,
+    is_fsdp,
+    is_sharded_fsdp,
+    rankstr,
+    reshard_fsdp_model,
+)
+
+
+def cfg(strategy="FULL_SHARD", param="fp16", reduce="fp32", buffer="fp32"):
+    return OmegaConf.create(
+        {
+            "sharding_strategy": strategy,
+            "mixed_precision": {"param_dtype": param, "reduce_dtype": reduce, "buffer_dtype": buffer},
+        }
+    )
+
+
+def test_wrapper_arguments_come_from_config():
+    wrapper = get_fsdp_wrapper(cfg("SHARD_GRAD_OP", "bf16", "fp16", "fp32"), {nn.Linear})
+    kwargs = wrapper.keywords
+    assert kwargs["sharding_strategy"] is ShardingStrategy.SHARD_GRAD_OP
+    assert kwargs["mixed_precision"] == MixedPrecision(
+        param_dtype=torch.bfloat16, reduce_dtype=torch.float16, buffer_dtype=torch.float32
+    )
+    assert kwargs["use_orig_params"] is True and kwargs["sync_module_states"] is True
+    assert kwargs["auto_wrap_policy"]._module_classes == {nn.Linear}
+
+
+@pytest.mark.parametrize(
+    "bad, key",
+    [(cfg(strategy="HYBRID"), "sharding_strategy='HYBRID'"), (cfg(param="fp8"), "mixed_precision.param_dtype='fp8'")],
+)
+def test_bad_config_values_name_the_key(bad, key):
+    with pytest.raises(ValueError, match=key.replace("(", r"\(")):
+        get_fsdp_wrapper(bad)
+
+
+def test_single_process_fsdp_is_not_sharded_and_matches_plain_module(monkeypatch):
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "SLURM_JOB_ID"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the CPU (gloo) path, also on GPU machines
+    distributed.enable()
+    try:
+        torch.manual_seed(0)
+        plain = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+        torch.manual_seed(0)
+        wrapper = get_fsdp_wrapper(cfg("SHARD_GRAD_OP", "fp32"), {nn.Linear})
+        wrapped = wrapper(nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)))
+        assert is_fsdp(wrapped) and not is_fsdp(plain)
+        assert len(get_fsdp_modules(wrapped)) == 3
+        assert not any(is_sharded_fsdp(m) for m in get_fsdp_modules(wrapped))  # FSDP uses NO_SHARD at world size 1
+        x = torch.randn(5, 3)
+        torch.testing.assert_close(wrapped(x), plain(x))
+        reshard_fsdp_model(wrapped)  # nothing to free, must not break the module
+        torch.testing.assert_close(wrapped(x), plain(x))
+        assert rankstr() == "rank_0"
+        # ShardedGradScaler on CPU: device="cpu" works once a process group exists (it all-reduces found_inf)
+        scaler = ShardedGradScaler(device="cpu", init_scale=1024.0)
+        p = nn.Parameter(torch.ones(2))
+        sgd = torch.optim.SGD([p], lr=0.5)
+        scaler.scale((p * torch.tensor([3.0, -1.0])).sum()).backward()
+        assert torch.equal(p.grad, torch.tensor([3072.0, -1024.0]))
+        scaler.step(sgd)
+        scaler.update()
+        assert torch.equal(p.detach(), torch.tensor([-0.5, 1.5]))
+    finally:
+        distributed.disable()
+
+
+def test_sharded_grad_scaler_default_is_enabled_only_with_cuda():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "CUDA is not available. Disabling."
+        assert ShardedGradScaler().is_enabled() == torch.cuda.is_available()

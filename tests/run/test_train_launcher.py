@@ -1,0 +1,82 @@
+import argparse
+import os
+
+import pytest
+import submitit
+
+from dinov2.run.submit import build_executor, get_args_parser, submit_jobs
+from dinov2.run.train import train as slurm_train
+from dinov2.train.train import get_args_parser as get_train_args_parser
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SAMPLE_CONFIG = os.path.join(REPO, "dinov2", "configs", "train", "bbu_sample.yaml")
+
+
+def _parse(argv):
+    parents = [get_train_args_parser(add_help=False)]
+    return get_args_parser(description="test", parents=parents).parse_args(argv)
+
+
+def test_cli_defaults_and_aliases(tmp_path):
+    args = _parse(["--config-file", SAMPLE_CONFIG, "--output-dir", str(tmp_path), "optim.epochs=1"])
+    assert (args.ngpus, args.nodes, args.timeout, args.partition) == (8, 1, 2800, None)
+    assert (args.use_volta32, args.comment, args.exclude) == (False, "", "")
+    assert args.opts == ["optim.epochs=1"]
+    args = _parse(["--gpus-per-node", "4", "--nnodes", "3", "--config-file", SAMPLE_CONFIG])
+    assert (args.ngpus, args.nodes) == (4, 3)
+    # without a parent defining it, the submit parser has its own --output-dir
+    assert get_args_parser().parse_args(["--output_dir", "x"]).output_dir == "x"
+
+
+def test_slurm_parameters_and_sbatch_script(tmp_path, monkeypatch):
+    monkeypatch.setattr(submitit.SlurmExecutor, "affinity", classmethod(lambda cls: 1))  # no srun on this machine
+    args = _parse([
+        "--nodes", "2", "--ngpus", "8", "--partition", "learnlab", "--timeout", "600", "--use-volta32",
+        "--comment", "deadline", "--exclude", "node7", "--config-file", SAMPLE_CONFIG,
+        "--output-dir", str(tmp_path / "%j"),
+    ])
+    executor = build_executor(args, name="dinov2:train", cluster="slurm")
+    slurm = executor._executor
+    assert isinstance(slurm, submitit.SlurmExecutor)
+    assert slurm.max_num_timeout == 30
+    params = slurm.parameters
+    expected = {
+        "job_name": "dinov2:train", "mem": "0GB", "gpus_per_node": 8, "ntasks_per_node": 8, "cpus_per_task": 10,
+        "nodes": 2, "time": 600, "partition": "learnlab", "signal_delay_s": 120, "constraint": "volta32gb",
+        "comment": "deadline", "exclude": "node7",
+    }
+    assert {k: params[k] for k in expected} == expected
+    script = slurm._make_submission_file_text("python -c pass", "uid")
+    for line in (
+        "#SBATCH --job-name=dinov2:train", "#SBATCH --mem=0GB", "#SBATCH --gpus-per-node=8",
+        "#SBATCH --ntasks-per-node=8", "#SBATCH --cpus-per-task=10", "#SBATCH --nodes=2", "#SBATCH --time=600",
+        "#SBATCH --partition=learnlab", "#SBATCH --signal=USR2@120", "#SBATCH --constraint=volta32gb",
+        "#SBATCH --exclude=node7", "#SBATCH --open-mode=append",
+    ):
+        assert line in script.splitlines(), line
+
+
+def test_trainer_checkpoint_requeues_a_resuming_trainer(tmp_path):
+    args = argparse.Namespace(output_dir=str(tmp_path), no_resume=True, config_file=SAMPLE_CONFIG, opts=[])
+    delayed = slurm_train.Trainer(args).checkpoint()
+    assert isinstance(delayed, submitit.helpers.DelayedSubmission)
+    trainer = delayed.function
+    assert isinstance(trainer, slurm_train.Trainer)
+    assert trainer.args.no_resume is False and args.no_resume is True  # the original args are untouched
+    assert trainer.args.output_dir == str(tmp_path)
+
+
+def test_debug_executor_runs_training_in_process(tmp_path, monkeypatch):
+    """submitit's debug executor runs Trainer() here: %j is replaced and train main() gets the parsed args."""
+    seen = {}
+    monkeypatch.setattr("dinov2.train.train.main", lambda a: seen.setdefault("args", a))
+    args = _parse(["--config-file", SAMPLE_CONFIG, "--output-dir", str(tmp_path / "job_%j"), "optim.epochs=1"])
+    job = submit_jobs(slurm_train.Trainer, args, name="dinov2:train", cluster="debug")
+    job.result()
+    assert seen["args"].output_dir == str(tmp_path / f"job_{job.job_id}")
+    assert seen["args"].opts == ["optim.epochs=1"] and seen["args"].config_file == SAMPLE_CONFIG
+
+
+def test_missing_config_file_is_an_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        slurm_train.main(["--config-file", str(tmp_path / "nope.yaml"), "--output-dir", str(tmp_path)])

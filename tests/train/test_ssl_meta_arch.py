@@ -1,0 +1,181 @@
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from train_helpers import random_batch, tiny_cfg
+
+from dinov2.models import build_model_from_cfg
+from dinov2.train.ssl_meta_arch import LOSS_KEYS, SSLMetaArch
+from dinov2.utils.utils import PretrainedWeightsError
+
+STUDENT_TEMP = 0.1
+
+
+def _ce(targets: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """Per-row cross-entropy H(targets, softmax(student / 0.1))."""
+    return -(targets * F.log_softmax(student_logits / STUDENT_TEMP, dim=-1)).sum(-1)
+
+
+def _sinkhorn(logits: torch.Tensor, temp: float, n_iterations: int = 3) -> torch.Tensor:
+    q = torch.exp(logits.float() / temp).t()
+    k, b = q.shape
+    q = q / q.sum()
+    for _ in range(n_iterations):
+        q = q / q.sum(dim=1, keepdim=True) / k
+        q = q / q.sum(dim=0, keepdim=True) / b
+    return (q * b).t()
+
+
+def _koleo(x: torch.Tensor) -> torch.Tensor:
+    x = F.normalize(x, dim=-1)
+    sims = x @ x.t()
+    sims.fill_diagonal_(-1)
+    nn_index = sims.argmax(dim=1)
+    return -torch.log((x - x[nn_index]).norm(dim=-1) + 1e-8).mean()
+
+
+def manual_losses(model: SSLMetaArch, cfg, batch, teacher_temp: float):
+    """The DINOv2 objective recomputed with separate backbone/head calls and no crop swapping tricks."""
+    b = cfg.train.batch_size_per_gpu
+    n_local = cfg.crops.local_crops_number
+    global_crops, local_crops = batch["collated_global_crops"], batch["collated_local_crops"]
+    masks = batch["collated_masks"]
+    sinkhorn = cfg.train.centering == "sinkhorn_knopp"
+    ibot_head_name = "ibot_head" if cfg.ibot.separate_head else "dino_head"
+    with torch.no_grad():
+        t_out = model.teacher.backbone(global_crops, is_training=True)
+        t_cls = model.teacher.dino_head(t_out["x_norm_clstoken"])
+        t_masked = model.teacher[ibot_head_name](t_out["x_norm_patchtokens"][masks])
+        if sinkhorn:
+            t_cls, t_masked = _sinkhorn(t_cls, teacher_temp), _sinkhorn(t_masked, teacher_temp)
+        else:  # fresh centres are zero
+            t_cls, t_masked = F.softmax(t_cls / teacher_temp, -1), F.softmax(t_masked / teacher_temp, -1)
+    s_global = model.student.backbone(global_crops, masks=masks, is_training=True)
+    s_local = model.student.backbone(local_crops, is_training=True)
+    s_global_cls = model.student.dino_head(s_global["x_norm_clstoken"])
+    s_local_cls = model.student.dino_head(s_local["x_norm_clstoken"])
+    s_masked = model.student[ibot_head_name](s_global["x_norm_patchtokens"][masks])
+
+    teacher_crops = [t_cls[:b], t_cls[b:]]
+    n_terms = 2 * n_local + 2
+    dino_global = (_ce(teacher_crops[1], s_global_cls[:b]).mean() + _ce(teacher_crops[0], s_global_cls[b:]).mean())
+    dino_local = sum(
+        _ce(t, s_local_cls[j * b : (j + 1) * b]).mean() for j in range(n_local) for t in teacher_crops
+    )
+    koleo = sum(_koleo(s_global["x_norm_clstoken"][c * b : (c + 1) * b]) for c in range(2))
+    token_ce = _ce(t_masked, s_masked)
+    owner = masks.nonzero()[:, 0]  # global crop of every masked token, in the same (row-major) order
+    per_crop = [token_ce[owner == i].mean() if (owner == i).any() else token_ce.new_zeros(()) for i in range(2 * b)]
+    ibot = torch.stack(per_crop).mean()
+    losses = {
+        "dino_local_crops_loss": dino_local / n_terms,
+        "dino_global_crops_loss": dino_global / n_terms,
+        "koleo_loss": cfg.dino.koleo_loss_weight * koleo / 2,
+        "ibot_loss": ibot / 2,
+    }
+    total = (
+        cfg.dino.loss_weight * (losses["dino_local_crops_loss"] + losses["dino_global_crops_loss"])
+        + cfg.dino.koleo_loss_weight * koleo
+        + cfg.ibot.loss_weight * ibot
+    )
+    return losses, total
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(train__centering="centering", ibot__separate_head=False),
+        dict(train__centering="sinkhorn_knopp", ibot__separate_head=True),
+    ],
+    ids=["centering-shared-head", "sinkhorn-separate-head"],
+)
+def test_forward_backward_matches_manual_recomputation(overrides):
+    torch.manual_seed(0)
+    cfg = tiny_cfg(
+        student__drop_path_rate=0.0, dino__loss_weight=0.5, ibot__loss_weight=2.0, dino__koleo_loss_weight=0.3,
+        ibot__mask_sample_probability=0.75, **overrides,
+    )
+    model = SSLMetaArch(cfg)
+    model.train()
+    # make the teacher differ from the student so that the crop pairing matters
+    with torch.no_grad():
+        for p in model.teacher.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    batch = random_batch(cfg, seed=1)
+    assert batch["collated_masks"].any(dim=1).sum() == 6  # 0.75 * 8 global crops are masked
+
+    expected, expected_total = manual_losses(model, cfg, batch, teacher_temp=0.05)
+    model.zero_grad(set_to_none=True)
+    loss_dict = model.forward_backward(batch, teacher_temp=0.05)
+
+    assert sorted(loss_dict) == sorted(LOSS_KEYS + ("total_loss",))
+    for key in LOSS_KEYS:
+        torch.testing.assert_close(loss_dict[key], expected[key].detach(), rtol=1e-5, atol=1e-6, msg=key)
+    torch.testing.assert_close(loss_dict["total_loss"], expected_total.detach(), rtol=1e-5, atol=1e-6)
+    # backward ran into the student only
+    assert all(p.grad is not None for p in model.student.backbone.blocks.parameters())
+    assert all(p.grad is None for p in model.teacher.parameters())
+
+
+def test_teacher_starts_as_copy_of_student_and_ema_update():
+    torch.manual_seed(0)
+    model = SSLMetaArch(tiny_cfg())
+    student = model.student.state_dict()
+    for k, v in model.teacher.state_dict().items():
+        torch.testing.assert_close(v, student[k], rtol=0, atol=0)
+    assert not any(p.requires_grad for p in model.teacher.parameters())
+    assert all(block.sample_drop_ratio == 0.0 for block in model.teacher.backbone.blocks)
+    assert all(block.sample_drop_ratio == 0.1 for block in model.student.backbone.blocks)  # bbu_sample.yaml, uniform
+
+    with torch.no_grad():
+        for p in model.student.parameters():
+            p.add_(torch.randn_like(p))
+    before_teacher = {k: v.clone() for k, v in model.teacher.named_parameters()}
+    student_params = dict(model.student.named_parameters())
+    model.update_teacher(0.9)
+    for k, v in model.teacher.named_parameters():
+        torch.testing.assert_close(v, 0.9 * before_teacher[k] + 0.1 * student_params[k], rtol=1e-6, atol=1e-7)
+
+
+def test_params_groups_cover_each_student_parameter_once():
+    model = SSLMetaArch(tiny_cfg())
+    groups = model.get_params_groups()
+    seen = [id(p) for g in groups for p in g["params"]]
+    assert len(seen) == len(set(seen))
+    assert set(seen) == {id(p) for p in model.student.parameters() if p.requires_grad}
+    for g in groups:
+        assert {"lr_multiplier", "wd_multiplier", "is_last_layer"} <= set(g)
+    last_layer = {id(p) for n, p in model.student.named_parameters() if "last_layer" in n}
+    for g in groups:
+        assert g["is_last_layer"] == (id(g["params"][0]) in last_layer)
+
+
+def _hub_state_dict(arch: str) -> dict:
+    cfg = tiny_cfg(student__arch=arch)
+    backbone, _ = build_model_from_cfg(cfg, only_teacher=True)
+    return {k: v.clone() for k, v in backbone.state_dict().items()}
+
+
+def test_pretrained_weights_raw_hub_layout_loaded_strictly(tmp_path, caplog):
+    torch.manual_seed(123)
+    hub = _hub_state_dict("vit_tiny")
+    path = tmp_path / "hub_vit_tiny.pth"
+    torch.save(hub, path)
+    torch.manual_seed(0)
+    with caplog.at_level(logging.INFO, logger="dinov2"):
+        model = SSLMetaArch(tiny_cfg(student__pretrained_weights=str(path)))
+    assert f"Loaded pretrained weights from {path}" in caplog.text
+    for module in (model.student.backbone, model.teacher.backbone):
+        state = module.state_dict()
+        assert sorted(state) == sorted(hub)
+        for k, v in hub.items():
+            torch.testing.assert_close(state[k], v, rtol=0, atol=0)
+
+
+def test_pretrained_weights_wrong_arch_is_an_error(tmp_path):
+    path = tmp_path / "hub_vit_small.pth"
+    torch.save({"model": _hub_state_dict("vit_small")}, path)
+    with pytest.raises(PretrainedWeightsError, match=f"Weights in {path} do not match") as excinfo:
+        SSLMetaArch(tiny_cfg(student__pretrained_weights=str(path)))
+    assert "blocks.0.attn.qkv.weight" in excinfo.value.shape_mismatches

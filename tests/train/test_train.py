@@ -1,0 +1,145 @@
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from train_helpers import REPO, SAMPLE_CONFIG, read_metrics, run_training, tiny_opts
+
+from dinov2.loss import KoLeoLoss
+from dinov2.models import vision_transformer as vits
+from dinov2.train.ssl_meta_arch import LOSS_KEYS, SSLMetaArch
+
+METRICS = ("total_loss",) + LOSS_KEYS
+
+
+def _losses_by_iteration(output_dir):
+    return {m["iteration"]: [m[k] for k in METRICS] for m in read_metrics(output_dir)}
+
+
+def test_loss_decreases_on_sample_data(tmp_path, sample_root):
+    """50 iterations. Sinkhorn-Knopp targets keep a fixed entropy, so the loss measures how well the student
+    predicts them (with centring the DINO loss first rises while the teacher temperature warms up)."""
+    out = str(tmp_path / "run")
+    opts = tiny_opts(sample_root, train__OFFICIAL_EPOCH_LENGTH=10, optim__epochs=5, optim__base_lr=0.02,
+                     train__centering="sinkhorn_knopp", optim__freeze_last_layer_epochs=0,
+                     train__checkpoint_period=1000)
+    run_training(out, opts)
+    metrics = read_metrics(out)
+    assert [m["iteration"] for m in metrics] == list(range(50))
+    for key in METRICS:
+        first, last = (sum(m[key] for m in part) / 5 for part in (metrics[:5], metrics[-5:]))
+        assert last < (0.8 if key == "total_loss" else 1.0) * first, (key, first, last)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resumed_run_reproduces_uninterrupted_losses(tmp_path, sample_root, monkeypatch, num_workers):
+    """8 iterations straight vs 4 + crash + resume + 4 (checkpoint every 4): identical losses."""
+    opts = tiny_opts(sample_root, train__num_workers=num_workers)
+    straight = str(tmp_path / "straight")
+    run_training(straight, opts)
+    expected = _losses_by_iteration(straight)
+    assert sorted(expected) == list(range(8))
+
+    resumed = str(tmp_path / "resumed")
+    original = SSLMetaArch.forward_backward
+    calls = {"n": 0}
+
+    def crash_at_iteration_5(self, images, teacher_temp):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt("simulated crash")
+        return original(self, images, teacher_temp)
+
+    monkeypatch.setattr(SSLMetaArch, "forward_backward", crash_at_iteration_5)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(resumed, opts)
+    monkeypatch.setattr(SSLMetaArch, "forward_backward", original)
+    assert open(os.path.join(resumed, "last_checkpoint.rank_0")).read().strip() == "model_0000003.rank_0.pth"
+
+    run_training(resumed, opts)
+    log = open(os.path.join(resumed, "logs", "log.txt")).read()
+    assert "Resumed training from checkpoint" in log and "model_0000003.rank_0.pth at iteration 3" in log
+    got = _losses_by_iteration(resumed)  # iterations 0-4 of the crashed run, then 4-7 of the resumed one
+    for iteration in range(8):
+        torch.testing.assert_close(
+            torch.tensor(got[iteration]), torch.tensor(expected[iteration]), rtol=0, atol=1e-6,
+            msg=f"iteration {iteration}",
+        )
+    assert sorted(f for f in os.listdir(resumed) if f.endswith(".pth")) == [
+        "model_0000003.rank_0.pth", "model_0000007.rank_0.pth", "model_final.rank_0.pth",
+    ]
+
+
+def test_max_to_keep_and_no_resume(tmp_path, sample_root):
+    out = str(tmp_path / "run")
+    run_training(out, tiny_opts(sample_root, train__checkpoint_period=2, train__max_to_keep=2))
+    assert sorted(f for f in os.listdir(out) if f.endswith(".pth")) == [
+        "model_0000005.rank_0.pth", "model_0000007.rank_0.pth", "model_final.rank_0.pth",
+    ]
+    os.remove(os.path.join(out, "training_metrics.json"))
+    run_training(out, tiny_opts(sample_root, train__checkpoint_period=2, train__max_to_keep=2), no_resume=True)
+    assert [m["iteration"] for m in read_metrics(out)] == list(range(8))  # started over
+
+
+def test_non_finite_loss_stops_the_run(tmp_path, sample_root, monkeypatch):
+    original = KoLeoLoss.forward
+    calls = {"n": 0}
+
+    def inf_at_iteration_2(self, x):
+        calls["n"] += 1  # two KoLeo calls (one per global crop) per iteration
+        value = original(self, x)
+        return value + float("inf") if calls["n"] == 5 else value
+
+    monkeypatch.setattr(KoLeoLoss, "forward", inf_at_iteration_2)
+    out = str(tmp_path / "run")
+    with pytest.raises(FloatingPointError) as excinfo:
+        run_training(out, tiny_opts(sample_root, train__log_period=5, train__checkpoint_period=1000))
+    message = str(excinfo.value)
+    assert message.startswith("Non-finite total loss at iteration 2: total_loss=inf")
+    for key in LOSS_KEYS:
+        assert re.search(rf"{key}=[-+0-9.einf]+", message), key
+    assert "koleo_loss=inf" in message
+    assert not [f for f in os.listdir(out) if f.endswith(".pth")]  # stopped at iteration 5, before any save
+
+
+def test_teacher_checkpoint_has_flat_keys_and_loads_into_hub_model(tmp_path, sample_root):
+    out = str(tmp_path / "run")
+    run_training(out, tiny_opts(sample_root, student__block_chunks=4, evaluation__eval_period_iterations=4))
+    for name in ("training_3", "training_7"):
+        assert os.path.isfile(os.path.join(out, "eval", name, "teacher_checkpoint.pth"))
+    checkpoint = torch.load(os.path.join(out, "eval", "training_7", "teacher_checkpoint.pth"), weights_only=True)
+    assert list(checkpoint) == ["teacher"]
+    state = checkpoint["teacher"]
+    block_ids = sorted({int(m.group(1)) for k in state if (m := re.match(r"backbone\.blocks\.(\d+)\.", k))})
+    assert block_ids == list(range(12))
+    assert not any(re.match(r"backbone\.blocks\.\d+\.\d+\.", k) for k in state)
+    assert {k.split(".")[0] for k in state} == {"backbone", "dino_head"}
+
+    hub_model = vits.vit_tiny(patch_size=16, img_size=64, init_values=1e-5, block_chunks=0)
+    backbone = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+    hub_model.load_state_dict(backbone, strict=True)
+
+
+def test_two_process_torchrun_saves_and_resumes(tmp_path, sample_root):
+    out = str(tmp_path / "run")
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        os.path.join(REPO, "dinov2", "train", "train.py"), "--config-file", SAMPLE_CONFIG, "--output-dir", out,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = tiny_opts(sample_root, optim__epochs=1, train__checkpoint_period=2)
+    subprocess.run(cmd + first, check=True, cwd=REPO, env=env, timeout=240)
+    for rank in (0, 1):
+        assert os.path.isfile(os.path.join(out, f"model_0000003.rank_{rank}.pth"))
+        assert open(os.path.join(out, f"last_checkpoint.rank_{rank}")).read() == f"model_final.rank_{rank}.pth"
+    assert os.path.isfile(os.path.join(out, "eval", "training_3", "teacher_checkpoint.pth"))
+
+    second = tiny_opts(sample_root, optim__epochs=2, train__checkpoint_period=2)
+    subprocess.run(cmd + second, check=True, cwd=REPO, env=env, timeout=240)
+    for rank, log_name in ((0, "log.txt"), (1, "log.txt.rank1")):
+        log = open(os.path.join(out, "logs", log_name)).read()
+        assert f"model_final.rank_{rank}.pth at iteration 3" in log
+    assert [m["iteration"] for m in read_metrics(out)] == list(range(8))
+    assert os.path.isfile(os.path.join(out, "eval", "training_7", "teacher_checkpoint.pth"))
