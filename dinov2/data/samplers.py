@@ -9,7 +9,7 @@ samplers `advance` applies to every `iter()`; for the finite ones (EPOCH, DISTRI
 
 import itertools
 import warnings
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
@@ -166,46 +166,26 @@ class InfiniteSampler(Sampler):
             yield from itertools.islice(perm, self._start, None, self._step)
 
 
-class ShardedInfiniteSampler(Sampler):
+class ShardedInfiniteSampler(InfiniteSampler):
     """Endless passes; with `shuffle`, one global permutation (seed `seed`) is sharded across ranks once, and each pass
     reshuffles this rank's shard with a generator re-seeded from (seed, start, pass), so whole passes can be skipped
-    cheaply. Shards hold len // world indices each (the remainder is dropped, with a warning)."""
+    cheaply. Shards hold len // world indices each (the remainder is dropped, with a warning). Without `shuffle` the
+    order is `InfiniteSampler`'s. Other keyword arguments: those of `InfiniteSampler`."""
 
-    def __init__(
-        self,
-        *,
-        sample_count: int,
-        shuffle: bool = False,
-        seed: int = 0,
-        start: Optional[int] = None,
-        step: Optional[int] = None,
-        advance: int = 0,
-        use_new_shuffle_tensor_slice: bool = False,
-    ) -> None:
-        self._sample_count = sample_count
-        self._seed = seed
-        self._shuffle = shuffle
-        self._start, self._step = _rank_and_world(start, step)
-        if sample_count < self._step:
-            raise ValueError(f"sample_count ({sample_count}) must be >= the number of ranks ({self._step})")
-        self._advance = _check_advance(advance)
+    def __init__(self, *, use_new_shuffle_tensor_slice: bool = False, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self._shuffle_tensor_slice_fn = (
             _new_shuffle_tensor_slice if use_new_shuffle_tensor_slice else _shuffle_tensor_slice
         )
 
     def __iter__(self) -> Iterator[int]:
-        if self._shuffle:
-            pass_length = self._sample_count // self._step
-            first_pass, skip = divmod(self._advance, pass_length)
-            return itertools.islice(self._shuffled_iterator(first_pass), skip, None)
-        pass_length = len(range(self._start, self._sample_count, self._step))
-        return itertools.islice(self._iterator(), self._advance % pass_length, None)
+        if not self._shuffle:
+            return super().__iter__()
+        pass_length = self._sample_count // self._step
+        first_pass, skip = divmod(self._advance, pass_length)
+        return itertools.islice(self._sharded_iterator(first_pass), skip, None)
 
-    def _iterator(self) -> Iterator[int]:
-        while True:
-            yield from range(self._start, self._sample_count, self._step)
-
-    def _shuffled_iterator(self, first_pass: int) -> Iterator[int]:
+    def _sharded_iterator(self, first_pass: int) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self._seed)
         perm = torch.randperm(self._sample_count, dtype=_get_torch_dtype(self._sample_count), generator=generator)
         for iter_count in itertools.count(first_pass):

@@ -8,6 +8,7 @@ the dataset string and its image list and labels, the model config, the transfor
 inference dtype, so the probes of one invocation (and later invocations with the same inputs) share one extraction.
 """
 
+import argparse
 import hashlib
 import json
 import logging
@@ -26,7 +27,7 @@ from torch import nn
 import dinov2.distributed as distributed
 from dinov2.data import make_dataset
 from dinov2.data.transforms import make_classification_eval_transform
-from dinov2.eval.setup import RANDOM_WEIGHTS
+from dinov2.eval.setup import RANDOM_WEIGHTS, check_qc_arguments, setup_eval_model
 from dinov2.eval.utils import ModelWithIntermediateLayers, atomic_write, extract_features, make_autocast_ctx
 
 logger = logging.getLogger("dinov2")
@@ -232,14 +233,15 @@ class FeatureStore:
         )
 
 
-def make_feature_store(
-    args, model: nn.Module, autocast_dtype: torch.dtype, config: DictConfig, batch_size: int
-) -> FeatureStore:
-    """The feature store of a probe CLI: eval transform from `--resize-size/--crop-size`, cache in `--features-dir`."""
+def setup_feature_store(args: argparse.Namespace) -> FeatureStore:
+    """Start of every probe CLI: check the QC options, set up the run and the backbone (`setup_eval_model`), and
+    return its feature store (eval transform from `--resize-size/--crop-size`, cache in `--features-dir`)."""
+    check_qc_arguments(args)
+    model, autocast_dtype, config = setup_eval_model(args)
     transform = make_classification_eval_transform(resize_size=args.resize_size, crop_size=args.crop_size)
     cache_dir = args.features_dir or os.path.join(args.output_dir, "features")
     return FeatureStore(
-        model, autocast_dtype, config, args.pretrained_weights, transform, cache_dir, batch_size, args.num_workers
+        model, autocast_dtype, config, args.pretrained_weights, transform, cache_dir, args.batch_size, args.num_workers
     )
 
 

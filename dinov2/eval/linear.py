@@ -21,14 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import dinov2.distributed as distributed
-from dinov2.eval.features import FeatureSet, make_feature_store
+from dinov2.eval.features import FeatureSet, setup_feature_store
 from dinov2.eval.metrics import SELECTION_METRICS, selection_score
 from dinov2.eval.reports import evaluate_split, results_header, write_results
-from dinov2.eval.setup import add_qc_arguments, check_qc_arguments, setup_eval_model
-from dinov2.eval.setup import get_args_parser as get_setup_args_parser
+from dinov2.eval.setup import add_qc_arguments, get_probe_args_parser
 from dinov2.eval.thresholds import choose_thresholds
-from dinov2.eval.utils import atomic_write
+from dinov2.eval.utils import atomic_write, run_on_main_process
 
 logger = logging.getLogger("dinov2")
 
@@ -42,11 +40,9 @@ def get_args_parser(
     parents: Optional[List[argparse.ArgumentParser]] = None,
     add_help: bool = True,
 ) -> argparse.ArgumentParser:
-    parents = [*(parents or []), get_setup_args_parser(parents=None, add_help=False)]
-    parser = argparse.ArgumentParser(description=description, parents=parents, add_help=add_help)
-    parser.add_argument("--train-dataset", dest="train_dataset_str", type=str, required=True, help="Training dataset")
-    parser.add_argument("--val-dataset", dest="val_dataset_str", type=str, required=True,
-                        help="Validation dataset: picks the classifier and the thresholds")
+    parser = get_probe_args_parser(
+        description, parents, add_help, val_help="Validation dataset: picks the classifier and the thresholds"
+    )
     parser.add_argument("--test-datasets", dest="test_dataset_strs", type=str, nargs="+", default=None,
                         help="Test datasets (default: the validation dataset)")
     parser.add_argument("--epochs", type=int, default=10, help="Number of training epochs")
@@ -235,14 +231,10 @@ def run_eval_linear(args: argparse.Namespace) -> Optional[Dict[str, object]]:
     """Build the backbone, extract (or load) features, run the probe on the main process.
 
     Returns the results on the main process, None on the other ranks."""
-    check_qc_arguments(args)
-    model, autocast_dtype, config = setup_eval_model(args)
-    store = make_feature_store(args, model, autocast_dtype, config, args.batch_size)
+    store = setup_feature_store(args)
     train, val = store.get(args.train_dataset_str), store.get(args.val_dataset_str)
     tests = [store.get(s) for s in args.test_dataset_strs] if args.test_dataset_strs else [val]
-    results = eval_linear(args, train, val, tests) if distributed.is_main_process() else None
-    distributed.barrier()
-    return results
+    return run_on_main_process(eval_linear, args, train, val, tests)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -251,6 +243,4 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    description = "DINOv2 linear evaluation"
-    args_parser = get_args_parser(description=description)
-    sys.exit(main(args_parser.parse_args()))
+    sys.exit(main(get_args_parser(description="DINOv2 linear evaluation").parse_args()))

@@ -21,13 +21,12 @@ import numpy as np
 import torch
 from sklearn.linear_model import LogisticRegression
 
-import dinov2.distributed as distributed
-from dinov2.eval.features import FeatureSet, make_feature_store
+from dinov2.eval.features import FeatureSet, setup_feature_store
 from dinov2.eval.metrics import SELECTION_METRICS, selection_score
 from dinov2.eval.reports import evaluate_split, results_header, write_json_atomic, write_results
-from dinov2.eval.setup import add_qc_arguments, check_qc_arguments, setup_eval_model
-from dinov2.eval.setup import get_args_parser as get_setup_args_parser
+from dinov2.eval.setup import add_qc_arguments, get_probe_args_parser
 from dinov2.eval.thresholds import choose_thresholds
+from dinov2.eval.utils import run_on_main_process
 
 logger = logging.getLogger("dinov2")
 
@@ -45,10 +44,7 @@ def get_args_parser(
     parents: Optional[List[argparse.ArgumentParser]] = None,
     add_help: bool = True,
 ) -> argparse.ArgumentParser:
-    parents = [*(parents or []), get_setup_args_parser(parents=None, add_help=False)]
-    parser = argparse.ArgumentParser(description=description, parents=parents, add_help=add_help)
-    parser.add_argument("--train-dataset", dest="train_dataset_str", type=str, required=True, help="Training dataset")
-    parser.add_argument("--val-dataset", dest="val_dataset_str", type=str, required=True, help="Evaluated dataset")
+    parser = get_probe_args_parser(description, parents, add_help)
     parser.add_argument("--test-datasets", dest="test_dataset_strs", type=str, nargs="+", default=None,
                         help="More evaluated datasets (the validation dataset is always evaluated)")
     parser.add_argument("--finetune-dataset-str", type=str, default=None,
@@ -210,17 +206,13 @@ def run_eval_log_regression(args: argparse.Namespace) -> Optional[Dict[str, obje
     """Build the backbone, extract (or load) features, run the probe on the main process.
 
     Returns the results on the main process, None on the other ranks."""
-    check_qc_arguments(args)
     if args.finetune_dataset_str and args.finetune_on_val:
         raise ValueError("--finetune-dataset-str and --finetune-on-val are exclusive")
-    model, autocast_dtype, config = setup_eval_model(args)
-    store = make_feature_store(args, model, autocast_dtype, config, args.batch_size)
+    store = setup_feature_store(args)
     train, val = store.get(args.train_dataset_str), store.get(args.val_dataset_str)
     tests = [store.get(s) for s in args.test_dataset_strs or []]
     finetune = store.get(args.finetune_dataset_str) if args.finetune_dataset_str else None
-    results = eval_log_regression(args, train, val, tests, finetune) if distributed.is_main_process() else None
-    distributed.barrier()
-    return results
+    return run_on_main_process(eval_log_regression, args, train, val, tests, finetune)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -229,6 +221,4 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    description = "DINOv2 logistic regression evaluation"
-    args_parser = get_args_parser(description=description)
-    sys.exit(main(args_parser.parse_args()))
+    sys.exit(main(get_args_parser(description="DINOv2 logistic regression evaluation").parse_args()))

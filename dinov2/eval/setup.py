@@ -38,6 +38,21 @@ def get_args_parser(
     return parser
 
 
+def get_probe_args_parser(
+    description: Optional[str],
+    parents: Optional[List[argparse.ArgumentParser]],
+    add_help: bool,
+    val_help: str = "Evaluated dataset",
+) -> argparse.ArgumentParser:
+    """Start of a probe CLI's parser: `parents`, the options of `get_args_parser`, --train-dataset and --val-dataset.
+    The probe then adds its own options and `add_qc_arguments`."""
+    parents = [*(parents or []), get_args_parser(parents=None, add_help=False)]
+    parser = argparse.ArgumentParser(description=description, parents=parents, add_help=add_help)
+    parser.add_argument("--train-dataset", dest="train_dataset_str", type=str, required=True, help="Training dataset")
+    parser.add_argument("--val-dataset", dest="val_dataset_str", type=str, required=True, help=val_help)
+    return parser
+
+
 def get_autocast_dtype(config: DictConfig) -> torch.dtype:
     """Inference dtype of the teacher backbone from `compute_precision.teacher.backbone.mixed_precision.param_dtype`."""
     teacher_dtype_str = config.compute_precision.teacher.backbone.mixed_precision.param_dtype

@@ -4,7 +4,7 @@ import contextlib
 import functools
 import logging
 import os
-from typing import IO, Any, Callable, Dict, Optional, Tuple
+from typing import IO, Any, Callable, Dict, Optional, Tuple, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +17,8 @@ from dinov2.logging import MetricLogger
 
 logger = logging.getLogger("dinov2")
 
+T = TypeVar("T")
+
 
 def atomic_write(path: str, write: Callable[[IO], None], binary: bool = False) -> None:
     """Write `path` through `write(file)` on a temporary file next to it, then rename it into place, so a reader never
@@ -25,6 +27,14 @@ def atomic_write(path: str, write: Callable[[IO], None], binary: bool = False) -
     with open(tmp_path, "wb" if binary else "w", **({} if binary else {"newline": ""})) as f:
         write(f)
     os.replace(tmp_path, path)
+
+
+def run_on_main_process(probe: Callable[..., T], *args: Any) -> Optional[T]:
+    """`probe(*args)` on the main process only (None on the other ranks), then a barrier, so that no rank moves on
+    (or exits) before the main process has written the results."""
+    results = probe(*args) if distributed.is_main_process() else None
+    distributed.barrier()
+    return results
 
 
 def make_autocast_ctx(

@@ -5,7 +5,7 @@
 (6144 -> 4096). Both are plain PyTorch, so they run on CPU; the state-dict keys equal xFormers' `SwiGLU`.
 """
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -41,17 +41,8 @@ def swiglu_hidden_features(hidden_features: int) -> int:
 
 
 class SwiGLUFFNFused(SwiGLUFFN):
-    """SwiGLU FFN whose hidden size is derived from an MLP hidden size (`ffn_layer="swiglufused"`)."""
+    """SwiGLU FFN whose hidden size is derived from an MLP hidden size (`ffn_layer="swiglufused"`); the other
+    arguments are those of `SwiGLUFFN`."""
 
-    def __init__(
-        self,
-        in_features: int,
-        hidden_features: int | None = None,
-        out_features: int | None = None,
-        act_layer: Callable[..., nn.Module] | None = None,
-        drop: float = 0.0,
-        bias: bool = True,
-    ) -> None:
-        out_features = out_features or in_features
-        hidden_features = swiglu_hidden_features(hidden_features or in_features)
-        super().__init__(in_features, hidden_features, out_features, bias=bias)
+    def __init__(self, in_features: int, hidden_features: int | None = None, *args: Any, **kwargs: Any) -> None:
+        super().__init__(in_features, swiglu_hidden_features(hidden_features or in_features), *args, **kwargs)

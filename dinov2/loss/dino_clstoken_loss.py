@@ -1,6 +1,6 @@
 """DINO loss on class tokens: cross-entropy between teacher targets (centred softmax or Sinkhorn-Knopp) and student."""
 
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -10,29 +10,67 @@ from torch import nn
 from dinov2 import distributed
 
 
-class DINOLoss(nn.Module):
-    """`loss = -sum_{student s, teacher t} mean_b sum_k t * log_softmax(s / student_temp)`.
+class TeacherCentering(nn.Module):
+    """EMA centre of teacher outputs over all ranks, shared by `DINOLoss` and `iBOTPatchLoss`.
 
-    The centre is an EMA of the batch mean of teacher logits over all ranks. As upstream, `update_center` starts an
-    async all-reduce and the new centre is applied lazily at the next `softmax_center_teacher` call (or before a
-    `state_dict()` is taken, so a checkpoint never misses a pending update). Works with and without a process group.
+    As upstream, `update_center` starts an async all-reduce of the batch sum and the new centre is applied lazily at
+    the next `softmax_center_teacher` call (or before a `state_dict()` is taken, so a checkpoint never misses a
+    pending update). Subclasses say how a batch is summed in `batch_center_sum`. Works with and without a process
+    group.
     """
 
-    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9) -> None:
+    def __init__(self, center_shape: Tuple[int, ...], center_momentum: float) -> None:
         super().__init__()
-        self.student_temp = student_temp
         self.center_momentum = center_momentum
-        self.register_buffer("center", torch.zeros(1, out_dim))
+        self.register_buffer("center", torch.zeros(*center_shape))
         self.updated = True
         self.reduce_handle: Optional[dist.Work] = None
         self.len_teacher_output: Optional[int] = None
         self.async_batch_center: Optional[torch.Tensor] = None
         self.register_state_dict_pre_hook(_apply_pending_center_update)
 
+    def batch_center_sum(self, teacher_output: torch.Tensor) -> torch.Tensor:
+        """Sum over this rank's batch (dim 0) of what is averaged into the centre; shape of `center`."""
+        return torch.sum(teacher_output, dim=0, keepdim=True)
+
     @torch.no_grad()
     def softmax_center_teacher(self, teacher_output: torch.Tensor, teacher_temp: float) -> torch.Tensor:
         self.apply_center_update()
         return F.softmax((teacher_output - self.center) / teacher_temp, dim=-1)
+
+    @torch.no_grad()
+    def update_center(self, teacher_output: torch.Tensor) -> None:
+        self.reduce_center_update(teacher_output)
+
+    @torch.no_grad()
+    def reduce_center_update(self, teacher_output: torch.Tensor) -> None:
+        self.updated = False
+        self.len_teacher_output = len(teacher_output)
+        self.async_batch_center = self.batch_center_sum(teacher_output)
+        self.reduce_handle = _all_reduce_sum(self.async_batch_center, async_op=True)
+
+    @torch.no_grad()
+    def apply_center_update(self) -> None:
+        if self.updated:
+            return
+        if self.reduce_handle is not None:
+            self.reduce_handle.wait()
+        _t = self.async_batch_center / (self.len_teacher_output * distributed.get_global_size())
+        self.center = self.center * self.center_momentum + _t * (1 - self.center_momentum)
+        self.updated = True
+        self.reduce_handle = None
+        self.async_batch_center = None
+
+
+class DINOLoss(TeacherCentering):
+    """`loss = -sum_{student s, teacher t} mean_b sum_k t * log_softmax(s / student_temp)`.
+
+    The centre is an EMA of the batch mean of teacher logits over all ranks, updated lazily (see `TeacherCentering`).
+    """
+
+    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9) -> None:
+        super().__init__((1, out_dim), center_momentum)
+        self.student_temp = student_temp
 
     @torch.no_grad()
     def sinkhorn_knopp_teacher(
@@ -55,29 +93,6 @@ class DINOLoss(nn.Module):
                 loss = torch.sum(t * lsm, dim=-1)
                 total_loss -= loss.mean()
         return total_loss
-
-    @torch.no_grad()
-    def update_center(self, teacher_output: torch.Tensor) -> None:
-        self.reduce_center_update(teacher_output)
-
-    @torch.no_grad()
-    def reduce_center_update(self, teacher_output: torch.Tensor) -> None:
-        self.updated = False
-        self.len_teacher_output = len(teacher_output)
-        self.async_batch_center = torch.sum(teacher_output, dim=0, keepdim=True)
-        self.reduce_handle = _all_reduce_sum(self.async_batch_center, async_op=True)
-
-    @torch.no_grad()
-    def apply_center_update(self) -> None:
-        if self.updated:
-            return
-        if self.reduce_handle is not None:
-            self.reduce_handle.wait()
-        _t = self.async_batch_center / (self.len_teacher_output * distributed.get_global_size())
-        self.center = self.center * self.center_momentum + _t * (1 - self.center_momentum)
-        self.updated = True
-        self.reduce_handle = None
-        self.async_batch_center = None
 
 
 def _all_reduce_sum(tensor: torch.Tensor, async_op: bool = False) -> Optional[dist.Work]:

@@ -3,12 +3,9 @@
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from torch import nn
 
-from dinov2 import distributed
-from dinov2.loss.dino_clstoken_loss import _all_reduce_sum, _apply_pending_center_update, _sinkhorn
+from dinov2.loss.dino_clstoken_loss import TeacherCentering, _all_reduce_sum, _sinkhorn
 
 
 def lossfunc(t: torch.Tensor, s: torch.Tensor, temp: float) -> torch.Tensor:
@@ -16,28 +13,22 @@ def lossfunc(t: torch.Tensor, s: torch.Tensor, temp: float) -> torch.Tensor:
     return torch.sum(t * F.log_softmax(s / temp, dim=-1), dim=-1)
 
 
-class iBOTPatchLoss(nn.Module):
-    """Centre (EMA over all ranks' patch tokens, applied lazily as in DINOLoss) and Sinkhorn-Knopp teacher targets.
+class iBOTPatchLoss(TeacherCentering):
+    """Centre (EMA over all ranks' patch tokens, applied lazily, see `TeacherCentering`) and Sinkhorn-Knopp teacher
+    targets.
 
     Every torch.distributed call is guarded: world size 1 without a process group works (upstream's Sinkhorn
     all-reduces the masked-patch count unconditionally and crashes there).
     """
 
     def __init__(self, patch_out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9) -> None:
-        super().__init__()
+        super().__init__((1, 1, patch_out_dim), center_momentum)
         self.student_temp = student_temp
-        self.center_momentum = center_momentum
-        self.register_buffer("center", torch.zeros(1, 1, patch_out_dim))
-        self.updated = True
-        self.reduce_handle: Optional[dist.Work] = None
-        self.len_teacher_patch_tokens: Optional[int] = None
-        self.async_batch_center: Optional[torch.Tensor] = None
-        self.register_state_dict_pre_hook(_apply_pending_center_update)
 
-    @torch.no_grad()
-    def softmax_center_teacher(self, teacher_patch_tokens: torch.Tensor, teacher_temp: float) -> torch.Tensor:
-        self.apply_center_update()
-        return F.softmax((teacher_patch_tokens - self.center) / teacher_temp, dim=-1)
+    def batch_center_sum(self, teacher_output: torch.Tensor) -> torch.Tensor:
+        """`teacher_output`: (B, N, K); the mean over patches, summed over images. The centre is thus averaged over
+        all ranks' images (for a flat list of n masked tokens pass `tokens[:n].unsqueeze(0)`)."""
+        return torch.sum(teacher_output.mean(1), dim=0, keepdim=True)
 
     @torch.no_grad()
     def sinkhorn_knopp_teacher(
@@ -83,28 +74,3 @@ class iBOTPatchLoss(nn.Module):
             loss = loss[:n_masked_patches]
         loss = loss * masks_weight
         return -loss.sum() / student_masks_flat.shape[0]
-
-    @torch.no_grad()
-    def update_center(self, teacher_patch_tokens: torch.Tensor) -> None:
-        """`teacher_patch_tokens`: (B, N, K); the batch centre is the mean over patches summed over images, averaged
-        over all ranks' images (for a flat list of n masked tokens pass `tokens[:n].unsqueeze(0)`)."""
-        self.reduce_center_update(teacher_patch_tokens)
-
-    @torch.no_grad()
-    def reduce_center_update(self, teacher_patch_tokens: torch.Tensor) -> None:
-        self.updated = False
-        self.len_teacher_patch_tokens = len(teacher_patch_tokens)
-        self.async_batch_center = torch.sum(teacher_patch_tokens.mean(1), dim=0, keepdim=True)
-        self.reduce_handle = _all_reduce_sum(self.async_batch_center, async_op=True)
-
-    @torch.no_grad()
-    def apply_center_update(self) -> None:
-        if self.updated:
-            return
-        if self.reduce_handle is not None:
-            self.reduce_handle.wait()
-        _t = self.async_batch_center / (self.len_teacher_patch_tokens * distributed.get_global_size())
-        self.center = self.center * self.center_momentum + _t * (1 - self.center_momentum)
-        self.updated = True
-        self.reduce_handle = None
-        self.async_batch_center = None

@@ -7,7 +7,8 @@
 #   CONFIG      training config (default dinov2/configs/train/bbu_sample.yaml)
 #   OUTPUT_DIR  run directory (default outputs/bbu_sample)
 #   DATA_ROOT   BBU dataset root: TRAIN split for pretraining, TRAIN/VAL/TEST for the probes
-#               (default data/bbu_sample, generated with scripts/make_sample_bbu.py if missing)
+#               (default data/bbu_sample, generated with scripts/make_sample_bbu.py --groups $SAMPLE_GROUPS if missing;
+#               SAMPLE_GROUPS default 100 devices = 300 images, split 60/20/20 by device)
 #   DATASET     pretraining dataset string (default BBU:root=$DATA_ROOT:split=TRAIN), e.g. an unlabelled pool
 #   NO_RESUME   true|false (default false): true starts fresh instead of resuming from OUTPUT_DIR's checkpoints
 #   EXTRA       more key=value config overrides, e.g. "optim.epochs=20 train.batch_size_per_gpu=32"
@@ -49,7 +50,7 @@ esac
 
 if [[ ! -f "$DATA_ROOT/annotations/train.json" ]]; then
     echo "== generating the sample BBU dataset in $DATA_ROOT"
-    "$PYTHON" scripts/make_sample_bbu.py "$DATA_ROOT"
+    "$PYTHON" scripts/make_sample_bbu.py "$DATA_ROOT" --groups "${SAMPLE_GROUPS:-100}"
 fi
 
 echo "== pretraining: $NNODES node(s) x $NPROC process(es), config $CONFIG, output $OUTPUT_DIR"

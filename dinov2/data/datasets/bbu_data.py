@@ -10,30 +10,19 @@ with `img_path` relative to the root. A group is one physical device photographe
 import json
 import os
 from dataclasses import dataclass
-from enum import Enum
 from typing import Callable, List, Optional, Union
 
 import numpy as np
 
-from .extended import ExtendedVisionDataset
+from .extended import ImageListDataset, SplitEnum
 
 UNLABELLED = -1
 
 
-class _Split(Enum):
+class _Split(SplitEnum):
     TRAIN = "train"
     VAL = "val"
     TEST = "test"
-
-    @classmethod
-    def parse(cls, split: Union["_Split", str]) -> "_Split":
-        """A `_Split` or its name in any case ("train", "TRAIN")."""
-        if isinstance(split, cls):
-            return split
-        try:
-            return cls[str(split).upper()]
-        except KeyError:
-            raise ValueError(f'unknown split "{split}"; allowed: {", ".join(s.name for s in cls)}') from None
 
 
 @dataclass(frozen=True)
@@ -127,7 +116,7 @@ def load_bbu_annotations(path: str, errors: Optional[List[str]] = None) -> BBUAn
     )
 
 
-class BBUDataset(ExtendedVisionDataset):
+class BBUDataset(ImageListDataset):
     """BBU images with their labels and device groups; `split` picks `annotations/<split>.json` under `root`.
 
     `annotation_file` (absolute or relative to `root`) reads any other file in the same format instead, e.g. an
@@ -160,38 +149,12 @@ class BBUDataset(ExtendedVisionDataset):
             annotation_file = os.path.join("annotations", f"{self._split.value}.json")
         self.annotation_file = os.path.join(self.root, annotation_file)
         annotations = load_bbu_annotations(self.annotation_file)
-        self._class_names = annotations.class_names
-        self._img_paths = annotations.img_paths
-        self._labels = annotations.labels
+        self._set_samples(annotations.img_paths, annotations.labels, annotations.class_names)
         self._group_ids = annotations.group_ids
 
     @property
     def split(self) -> _Split:
         return self._split
-
-    @property
-    def class_names(self) -> List[str]:
-        return list(self._class_names)
-
-    def __len__(self) -> int:
-        return len(self._img_paths)
-
-    def get_image_relpath(self, index: int) -> str:
-        """`img_path` as written in the annotation file."""
-        return self._img_paths[index].decode("utf-8")
-
-    def get_image_path(self, index: int) -> str:
-        return os.path.abspath(os.path.join(self.root, self.get_image_relpath(index)))
-
-    def get_image_data(self, index: int) -> bytes:
-        with open(self.get_image_path(index), "rb") as f:
-            return f.read()
-
-    def get_target(self, index: int) -> int:
-        return int(self._labels[index])
-
-    def get_targets(self) -> np.ndarray:
-        return self._labels.copy()
 
     def get_group_id(self, index: int) -> str:
         return self._group_ids[index].decode("utf-8")

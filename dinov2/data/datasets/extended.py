@@ -1,9 +1,13 @@
-"""`ExtendedVisionDataset`: the base of every dataset here (encoded bytes + target per index, lazy decoding)."""
+"""`ExtendedVisionDataset`: the base of every dataset here (encoded bytes + target per index, lazy decoding), the
+bases of file-backed datasets and of their `Split` enums."""
 
 import logging
+import os
 from abc import ABCMeta, abstractmethod
-from typing import Any, Tuple
+from enum import Enum
+from typing import Any, List, Tuple, Type, TypeVar, Union
 
+import numpy as np
 from PIL import Image
 from torchvision.datasets import VisionDataset
 
@@ -14,6 +18,22 @@ logger = logging.getLogger("dinov2")
 # What PIL raises for missing, truncated, corrupt or oversized images (FileNotFoundError and
 # UnidentifiedImageError are OSErrors).
 _IMAGE_ERRORS = (OSError, SyntaxError, Image.DecompressionBombError)
+
+_S = TypeVar("_S", bound="SplitEnum")
+
+
+class SplitEnum(Enum):
+    """Base of the datasets' `Split` enums (members are defined by each dataset)."""
+
+    @classmethod
+    def parse(cls: Type[_S], split: Union[_S, str]) -> _S:
+        """A member or its name in any case ("train", "TRAIN")."""
+        if isinstance(split, cls):
+            return split
+        try:
+            return cls[str(split).upper()]
+        except KeyError:
+            raise ValueError(f'unknown split "{split}"; allowed: {", ".join(s.name for s in cls)}') from None
 
 
 class ImageDecodeError(RuntimeError):
@@ -86,3 +106,47 @@ class ExtendedVisionDataset(VisionDataset, metaclass=ABCMeta):
                 self.num_bad_images += 1
                 logger.warning("skip_bad_images: %s; trying sample %d instead", e, (candidate + 1) % length)
         raise ImageDecodeError(f"no readable image in {type(self).__name__} (all {length} samples failed)")
+
+
+class ImageFileDataset(ExtendedVisionDataset):
+    """Dataset whose images are files below `root`: subclasses provide `get_image_relpath(i)` instead of the
+    image path and bytes."""
+
+    @abstractmethod
+    def get_image_relpath(self, index: int) -> str:
+        """Path of image `index` relative to `root`."""
+
+    def get_image_path(self, index: int) -> str:
+        return os.path.abspath(os.path.join(self.root, self.get_image_relpath(index)))
+
+    def get_image_data(self, index: int) -> bytes:
+        with open(self.get_image_path(index), "rb") as f:
+            return f.read()
+
+
+class ImageListDataset(ImageFileDataset):
+    """Image files listed in memory with integer labels (-1: unlabelled) and class names; the subclass constructor
+    calls `_set_samples` once."""
+
+    def _set_samples(self, relpaths: np.ndarray, labels: np.ndarray, class_names: List[str]) -> None:
+        """`relpaths`: UTF-8 bytes array (compact and fork-friendly in DataLoader workers); `labels`: int64."""
+        self._relpaths = relpaths
+        self._labels = labels
+        self._class_names = list(class_names)
+
+    @property
+    def class_names(self) -> List[str]:
+        return list(self._class_names)
+
+    def __len__(self) -> int:
+        return len(self._relpaths)
+
+    def get_image_relpath(self, index: int) -> str:
+        """The path as listed (for BBU: `img_path` as written in the annotation file)."""
+        return self._relpaths[index].decode("utf-8")
+
+    def get_target(self, index: int) -> int:
+        return int(self._labels[index])
+
+    def get_targets(self) -> np.ndarray:
+        return self._labels.copy()

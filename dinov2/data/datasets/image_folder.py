@@ -5,7 +5,7 @@ from typing import Callable, List, Optional
 
 import numpy as np
 
-from .extended import ExtendedVisionDataset
+from .extended import ImageListDataset
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -24,7 +24,7 @@ def _images_under(folder: str) -> List[str]:
     return found
 
 
-class ImageFolder(ExtendedVisionDataset):
+class ImageFolder(ImageListDataset):
     """Images under `root`, either all directly in `root` (unlabelled: target -1) or in class sub-folders
     `root/<class>/...` (classes = sorted folder names, target = class index). Mixing both is an error."""
 
@@ -55,10 +55,10 @@ class ImageFolder(ExtendedVisionDataset):
                 f"folders ({class_dirs[0]}, ...); use either a flat folder or one folder per class"
             )
         if top_images:
-            self._class_names: List[str] = []
+            class_names: List[str] = []
             relpaths, labels = top_images, [-1] * len(top_images)
         else:
-            self._class_names = class_dirs
+            class_names = class_dirs
             relpaths, labels = [], []
             for class_index, class_dir in enumerate(class_dirs):
                 images = _images_under(os.path.join(self.root, class_dir))
@@ -66,28 +66,8 @@ class ImageFolder(ExtendedVisionDataset):
                 labels.extend([class_index] * len(images))
         if not relpaths:
             raise ValueError(f"ImageFolder {self.root}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
-        self._relpaths = np.array([p.encode("utf-8") for p in relpaths], dtype=np.bytes_)
-        self._labels = np.array(labels, dtype=np.int64)
-
-    @property
-    def class_names(self) -> List[str]:
-        return list(self._class_names)
-
-    def __len__(self) -> int:
-        return len(self._relpaths)
-
-    def get_image_relpath(self, index: int) -> str:
-        return self._relpaths[index].decode("utf-8")
-
-    def get_image_path(self, index: int) -> str:
-        return os.path.abspath(os.path.join(self.root, self.get_image_relpath(index)))
-
-    def get_image_data(self, index: int) -> bytes:
-        with open(self.get_image_path(index), "rb") as f:
-            return f.read()
-
-    def get_target(self, index: int) -> int:
-        return int(self._labels[index])
-
-    def get_targets(self) -> np.ndarray:
-        return self._labels.copy()
+        self._set_samples(
+            np.array([p.encode("utf-8") for p in relpaths], dtype=np.bytes_),
+            np.array(labels, dtype=np.int64),
+            class_names,
+        )

@@ -11,12 +11,12 @@ actual_index <u4, class_index <u4, class_id U, class_name U) and, for TRAIN/VAL,
 import csv
 import logging
 import os
-from enum import Enum
+from abc import ABC, abstractmethod
 from typing import Callable, List, Optional, Tuple, Union
 
 import numpy as np
 
-from .extended import ExtendedVisionDataset
+from .extended import ImageFileDataset, SplitEnum
 
 logger = logging.getLogger("dinov2")
 
@@ -24,19 +24,10 @@ _TEST_CLASS_INDEX = np.iinfo(np.uint32).max  # uint32(-1): "no class" in the TES
 _ENTRY_FIELDS = ("actual_index", "class_index", "class_id", "class_name")
 
 
-class _Split(Enum):
+class _Split(SplitEnum):
     TRAIN = "train"
     VAL = "val"
     TEST = "test"
-
-    @classmethod
-    def parse(cls, split: Union["_Split", str]) -> "_Split":
-        if isinstance(split, cls):
-            return split
-        try:
-            return cls[str(split).upper()]
-        except KeyError:
-            raise ValueError(f'unknown split "{split}"; allowed: {", ".join(s.name for s in cls)}') from None
 
     def get_dirname(self, class_id: Optional[str] = None) -> str:
         return self.value if class_id is None else os.path.join(self.value, class_id)
@@ -68,7 +59,77 @@ def save_npy_atomic(array: np.ndarray, path: str) -> None:
     os.replace(tmp_path, path)
 
 
-class ImageNet(ExtendedVisionDataset):
+def mismatched_class_entries(entries: np.ndarray, class_ids: np.ndarray) -> np.ndarray:
+    """Indices of the entries whose class_index is out of range or whose class_id is not class_ids[class_index]
+    (only those of the first kind if there are any)."""
+    class_index = np.asarray(entries["class_index"], dtype=np.int64)
+    bad = np.flatnonzero(class_index >= len(class_ids))
+    if not len(bad):
+        bad = np.flatnonzero(np.asarray(class_ids)[class_index] != np.asarray(entries["class_id"]))
+    return bad
+
+
+class ExtraMetadataMixin(ABC):
+    """`.npy` metadata files in the folder `_extra_root`, written by `dump_extra()` and memory-mapped when read;
+    `_entries` (None until needed) is set by `_load_metadata`. Shared by ImageNet and ImageNet22k."""
+
+    _extra_root: str
+    _entries: Optional[np.ndarray]
+
+    @abstractmethod
+    def _dump_extra_call(self) -> str:
+        """The call that writes the metadata files, named when one is missing."""
+
+    @abstractmethod
+    def _load_metadata(self) -> None:
+        """Read and check the metadata files; sets `_entries`."""
+
+    def _get_entries(self) -> np.ndarray:
+        if self._entries is None:
+            self._load_metadata()
+        return self._entries
+
+    def _extra_full_path(self, extra_path: str) -> str:
+        return os.path.join(self._extra_root, extra_path)
+
+    def _load_extra(self, extra_path: str) -> np.ndarray:
+        path = self._extra_full_path(extra_path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"{type(self).__name__} metadata file not found: {path}; create it with {self._dump_extra_call()}"
+            )
+        return np.load(path, mmap_mode="r")
+
+    def _load_entries(self, extra_path: str, fields: Tuple[str, ...]) -> np.ndarray:
+        """The structured entries array, checked to have exactly `fields`."""
+        entries = self._load_extra(extra_path)
+        if entries.dtype.names != fields:
+            raise ValueError(f"{self._extra_full_path(extra_path)}: fields {entries.dtype.names}, expected {fields}")
+        return entries
+
+    def _save_extra(self, array: np.ndarray, extra_path: str) -> None:
+        os.makedirs(self._extra_root, exist_ok=True)
+        save_npy_atomic(array, self._extra_full_path(extra_path))
+
+    def _bad_entry_error(
+        self,
+        entries_path: str,
+        entries: np.ndarray,
+        index: int,
+        class_ids_path: str,
+        num_classes: int,
+        problem: str = "",
+    ) -> ValueError:
+        """Error naming entry `index` that does not match the class ids file (`problem`: other possible causes)."""
+        entry = entries[index]
+        return ValueError(
+            f"{self._extra_full_path(entries_path)}: entry {index} (class_index {entry['class_index']}, class_id "
+            f"{str(entry['class_id'])!r}) does not match {self._extra_full_path(class_ids_path)} ({num_classes} "
+            f"classes){problem}; re-run dump_extra()"
+        )
+
+
+class ImageNet(ExtraMetadataMixin, ImageFileDataset):
     """ImageNet-1k split read through the `extra` metadata (see the module docstring). TEST targets are None."""
 
     Split = _Split
@@ -113,28 +174,12 @@ class ImageNet(ExtendedVisionDataset):
     def _class_names_path(self) -> str:
         return f"class-names-{self._split.name}.npy"
 
-    def _extra_full_path(self, extra_path: str) -> str:
-        return os.path.join(self._extra_root, extra_path)
-
-    def _load_extra(self, extra_path: str) -> np.ndarray:
-        path = self._extra_full_path(extra_path)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(
-                f"ImageNet metadata file not found: {path}; create it with "
-                f"ImageNet(split={self._split.name!r}, root={self.root!r}, extra={self._extra_root!r}).dump_extra()"
-            )
-        return np.load(path, mmap_mode="r")
-
-    def _save_extra(self, array: np.ndarray, extra_path: str) -> None:
-        os.makedirs(self._extra_root, exist_ok=True)
-        save_npy_atomic(array, self._extra_full_path(extra_path))
+    def _dump_extra_call(self) -> str:
+        return f"ImageNet(split={self._split.name!r}, root={self.root!r}, extra={self._extra_root!r}).dump_extra()"
 
     def _load_metadata(self) -> None:
         """Load the extra files once and check that they agree with each other."""
-        entries = self._load_extra(self._entries_path)
-        entries_file = self._extra_full_path(self._entries_path)
-        if entries.dtype.names != _ENTRY_FIELDS:
-            raise ValueError(f"{entries_file}: fields {entries.dtype.names}, expected {_ENTRY_FIELDS}")
+        entries = self._load_entries(self._entries_path, _ENTRY_FIELDS)
         if self._split != _Split.TEST:
             class_ids = self._load_extra(self._class_ids_path)
             class_names = self._load_extra(self._class_names_path)
@@ -143,23 +188,11 @@ class ImageNet(ExtendedVisionDataset):
                     f"{self._extra_full_path(self._class_ids_path)} has {len(class_ids)} classes but "
                     f"{self._extra_full_path(self._class_names_path)} has {len(class_names)}"
                 )
-            class_index = np.asarray(entries["class_index"], dtype=np.int64)
-            bad = np.flatnonzero(class_index >= len(class_ids))
-            if not len(bad):
-                bad = np.flatnonzero(np.asarray(class_ids)[class_index] != np.asarray(entries["class_id"]))
+            bad = mismatched_class_entries(entries, class_ids)
             if len(bad):
-                raise ValueError(
-                    f"{entries_file}: entry {bad[0]} (class_index {class_index[bad[0]]}, class_id "
-                    f"{str(entries[bad[0]]['class_id'])!r}) does not match "
-                    f"{self._extra_full_path(self._class_ids_path)} ({len(class_ids)} classes); re-run dump_extra()"
-                )
+                raise self._bad_entry_error(self._entries_path, entries, bad[0], self._class_ids_path, len(class_ids))
             self._class_ids, self._class_names = class_ids, class_names
         self._entries = entries
-
-    def _get_entries(self) -> np.ndarray:
-        if self._entries is None:
-            self._load_metadata()
-        return self._entries
 
     def _get_class_ids(self) -> np.ndarray:
         if self._split == _Split.TEST:
@@ -188,13 +221,6 @@ class ImageNet(ExtendedVisionDataset):
     def get_image_relpath(self, index: int) -> str:
         actual_index = int(self._get_entries()[index]["actual_index"])
         return self._split.get_image_relpath(actual_index, self.get_class_id(index))
-
-    def get_image_path(self, index: int) -> str:
-        return os.path.abspath(os.path.join(self.root, self.get_image_relpath(index)))
-
-    def get_image_data(self, index: int) -> bytes:
-        with open(self.get_image_path(index), "rb") as f:
-            return f.read()
 
     def get_target(self, index: int) -> Optional[int]:
         return None if self._split == _Split.TEST else int(self._get_entries()[index]["class_index"])

@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import numpy as np
 
 from .extended import ExtendedVisionDataset
-from .image_net import save_npy_atomic
+from .image_net import ExtraMetadataMixin, mismatched_class_entries
 
 logger = logging.getLogger("dinov2")
 
@@ -25,7 +25,7 @@ _GZIP_MAGIC = b"\x1f\x8b"
 _MAX_OFFSET = np.iinfo(np.uint32).max
 
 
-class ImageNet22k(ExtendedVisionDataset):
+class ImageNet22k(ExtraMetadataMixin, ExtendedVisionDataset):
     """ImageNet-22k (or any set of per-class tarballs); target = class index. At most `mmap_cache_size` tarballs are
     mapped at once per process (least recently used ones are closed)."""
 
@@ -61,43 +61,20 @@ class ImageNet22k(ExtendedVisionDataset):
         state["_mmaps"] = OrderedDict()
         return state
 
-    def _extra_full_path(self, extra_path: str) -> str:
-        return os.path.join(self._extra_root, extra_path)
-
-    def _load_extra(self, extra_path: str) -> np.ndarray:
-        path = self._extra_full_path(extra_path)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(
-                f"ImageNet22k metadata file not found: {path}; create it with "
-                f"ImageNet22k(root={self.root!r}, extra={self._extra_root!r}).dump_extra()"
-            )
-        return np.load(path, mmap_mode="r")
+    def _dump_extra_call(self) -> str:
+        return f"ImageNet22k(root={self.root!r}, extra={self._extra_root!r}).dump_extra()"
 
     def _load_metadata(self) -> None:
-        entries = self._load_extra("entries.npy")
+        entries = self._load_entries("entries.npy", _ENTRY_FIELDS)
         class_ids = self._load_extra("class-ids.npy")
-        entries_file = self._extra_full_path("entries.npy")
-        if entries.dtype.names != _ENTRY_FIELDS:
-            raise ValueError(f"{entries_file}: fields {entries.dtype.names}, expected {_ENTRY_FIELDS}")
-        class_index = np.asarray(entries["class_index"], dtype=np.int64)
-        bad = np.flatnonzero(class_index >= len(class_ids))
-        if not len(bad):
-            bad = np.flatnonzero(np.asarray(class_ids)[class_index] != np.asarray(entries["class_id"]))
+        bad = mismatched_class_entries(entries, class_ids)
         if not len(bad):
             bad = np.flatnonzero(np.asarray(entries["end_offset"]) < np.asarray(entries["start_offset"]))
         if len(bad):
-            raise ValueError(
-                f"{entries_file}: entry {bad[0]} (class_index {class_index[bad[0]]}, class_id "
-                f"{str(entries[bad[0]]['class_id'])!r}) does not match "
-                f"{self._extra_full_path('class-ids.npy')} ({len(class_ids)} classes) or has a negative size; "
-                "re-run dump_extra()"
+            raise self._bad_entry_error(
+                "entries.npy", entries, bad[0], "class-ids.npy", len(class_ids), " or has a negative size"
             )
         self._entries, self._class_ids = entries, class_ids
-
-    def _get_entries(self) -> np.ndarray:
-        if self._entries is None:
-            self._load_metadata()
-        return self._entries
 
     def _tarball_path(self, class_id: str) -> str:
         return os.path.join(self.root, f"{class_id}.tar")
@@ -172,9 +149,8 @@ class ImageNet22k(ExtendedVisionDataset):
                 ("filename", f"U{max([len(r[4]) for r in rows] + [1])}"),
             ]
         )
-        os.makedirs(self._extra_root, exist_ok=True)
-        save_npy_atomic(np.array(rows, dtype=dtype), self._extra_full_path("entries.npy"))
-        save_npy_atomic(np.array(class_ids), self._extra_full_path("class-ids.npy"))
+        self._save_extra(np.array(rows, dtype=dtype), "entries.npy")
+        self._save_extra(np.array(class_ids), "class-ids.npy")
         self._entries = self._class_ids = None
         logger.info(
             "wrote ImageNet22k metadata for %d images in %d classes to %s", len(self), len(class_ids), self._extra_root
