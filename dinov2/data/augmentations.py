@@ -8,7 +8,7 @@ from omegaconf import DictConfig
 from PIL import Image
 from torchvision import transforms
 
-from .fast_crops import CropParams, render_crops, sample_crop_params
+from .fast_crops import CropParams, hsv_tables, render_crops, sample_crop_params
 from .transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, GaussianBlur, make_normalize_transform
 
 logger = logging.getLogger("dinov2")
@@ -29,7 +29,8 @@ class DataAugmentationDINO:
     the blur with 1 - p (actual 0.0 / 0.9 / 0.5); pass blur_probs=(0.0, 0.9, 0.5) to reproduce that.
 
     `fast=True` (default) samples all crop parameters from the image header and decodes JPEGs once at the
-    coarsest DCT scale that keeps every crop at or above its output resolution (see `fast_crops`);
+    coarsest DCT scale that keeps every crop at or above its output resolution (see `fast_crops`; it builds
+    128 MiB of hue lookup tables once per process, at construction);
     `fast=False` is the torchvision PIL pipeline of upstream. Both draw from the same distribution.
     `reducing_gap` (fast path only; Pillow's resize option, None = plain bicubic): a crop box k >= 2 times
     `reducing_gap` larger than its output is first box-averaged by int(k / reducing_gap), then resized bicubic.
@@ -71,6 +72,8 @@ class DataAugmentationDINO:
         )
 
         self._build_reference_pipeline()
+        if fast:
+            hsv_tables()  # build the hue tables now, so DataLoader workers forked later share their pages
 
     def _build_reference_pipeline(self) -> None:
         def geometric(size: int, scale: Sequence[float]) -> transforms.Compose:

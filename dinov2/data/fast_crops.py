@@ -4,9 +4,10 @@ The DINO multi-crop recipe only ever looks at ten small crops (2 x 224 px, 8 x 9
 This module draws all random parameters of a sample from the image size alone (the PIL header), picks the
 coarsest JPEG DCT scale (1, 1/2, 1/4, 1/8) at which every crop region still has at least its output resolution,
 decodes once at that scale (`Image.draft`), and resizes each crop box straight to its output size (bicubic, with
-an optional integer box-reduction first: Pillow's `reducing_gap`). Colour jitter (the same torchvision PIL ops),
-grayscale, blur, solarize and normalisation then run on the small crops, the last three on uint8 tensors. The
-random distribution of every parameter is the one of the torchvision pipeline in `augmentations.py`.
+an optional integer box-reduction first: Pillow's `reducing_gap`). Colour jitter (torchvision's PIL ops; the hue
+shift through lookup tables of Pillow's HSV conversions, bit-identical and several times faster), grayscale, blur,
+solarize and normalisation then run on the small crops, the last three on uint8 tensors. The random distribution
+of every parameter is the one of the torchvision pipeline in `augmentations.py`.
 """
 
 import functools
@@ -191,7 +192,40 @@ def gaussian_blur_uint8(x: torch.Tensor, sigma: float) -> torch.Tensor:
     return out.round_().clamp_(0, 255).to(torch.uint8)
 
 
-_JITTER_OPS = (F.adjust_brightness, F.adjust_contrast, F.adjust_saturation, F.adjust_hue)
+@functools.lru_cache(maxsize=1)
+def hsv_tables() -> Tuple[np.ndarray, np.ndarray]:
+    """Pillow's RGB -> HSV and HSV -> RGB conversions tabulated over all 2^24 colours (two 64 MiB uint32 arrays).
+
+    Index and entry are a colour packed as first | second << 8 | third << 16 (the little-endian RGBX bytes of a
+    pixel). Built once per process (about a second) by running Pillow's own converter on an image holding every
+    colour, so a lookup gives bit-identical results; DataLoader workers forked after the build share the pages.
+    """
+    size = (4096, 4096)
+    every_colour = np.arange(1 << 24, dtype="<u4").tobytes()
+    hsv = Image.frombytes("RGB", size, every_colour, "raw", "RGBX").convert("HSV").tobytes()
+    rgb_to_hsv = np.zeros(1 << 24, dtype="<u4")
+    rgb_to_hsv.view(np.uint8).reshape(-1, 4)[:, :3] = np.frombuffer(hsv, dtype=np.uint8).reshape(-1, 3)
+    as_hsv = Image.frombytes("HSV", size, Image.frombytes("RGB", size, every_colour, "raw", "RGBX").tobytes())
+    # a numpy-owned copy: numpy backs large arrays with transparent huge pages, which halves the TLB misses
+    hsv_to_rgb = np.frombuffer(as_hsv.convert("RGB").tobytes("raw", "RGBX"), dtype="<u4").copy()
+    return rgb_to_hsv, hsv_to_rgb
+
+
+def adjust_hue(image: Image.Image, hue_factor: float) -> Image.Image:
+    """`torchvision.transforms.functional.adjust_hue` of an RGB PIL image, bit for bit, via `hsv_tables`.
+
+    torchvision converts to Pillow's 8-bit HSV, adds int(hue_factor * 255) to H modulo 256 and converts back;
+    the two conversions are table lookups here (about 5x faster than Pillow's per-pixel float conversions).
+    """
+    if image.mode != "RGB":
+        raise ValueError(f"adjust_hue expects an RGB image, got mode {image.mode}")
+    rgb_to_hsv, hsv_to_rgb = hsv_tables()
+    hsv = rgb_to_hsv.take(np.frombuffer(image.tobytes("raw", "RGBX"), dtype="<u4") & 0xFFFFFF)
+    hsv.view(np.uint8)[0::4] += np.uint8(int(hue_factor * 255) % 256)  # wraps around like torchvision's uint8 add
+    return Image.frombytes("RGB", image.size, hsv_to_rgb.take(hsv).tobytes(), "raw", "RGBX")
+
+
+_JITTER_OPS = (F.adjust_brightness, F.adjust_contrast, F.adjust_saturation, adjust_hue)
 
 
 def _apply_jitter(crop: Image.Image, jitter: ColorJitterParams) -> Image.Image:

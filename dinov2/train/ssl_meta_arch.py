@@ -156,7 +156,8 @@ class SSLMetaArch(nn.Module):
             self.dino_loss.update_center(cls_tokens_after_head)
             if self.do_ibot:
                 masked = masked_patch_tokens_after_head.unsqueeze(0)
-                targets["ibot"] = self.ibot_patch_loss.softmax_center_teacher(masked, teacher_temp=teacher_temp).squeeze(0)
+                centred = self.ibot_patch_loss.softmax_center_teacher(masked, teacher_temp=teacher_temp)
+                targets["ibot"] = centred.squeeze(0)
                 self.ibot_patch_loss.update_center(masked)
         else:
             targets["dino"] = self.dino_loss.sinkhorn_knopp_teacher(cls_tokens_after_head, teacher_temp=teacher_temp)

@@ -13,7 +13,6 @@ The EMA teacher is saved as `<out>/eval/training_<iter>/teacher_checkpoint.pth` 
 
 import argparse
 import logging
-import math
 import os
 import random
 import time
@@ -51,7 +50,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         help="Start fresh instead of resuming from the newest checkpoint in --output-dir",
     )
     parser.add_argument("--eval-only", action="store_true", help="Only save the teacher of the loaded checkpoint")
-    parser.add_argument("--output-dir", "--output_dir", default="", type=str, help="Output directory to save logs and checkpoints")
+    parser.add_argument(
+        "--output-dir", "--output_dir", default="", type=str, help="Output directory to save logs and checkpoints"
+    )
     parser.add_argument(
         "opts",
         help="Modify config options at the end of the command, e.g. optim.epochs=10 (OmegaConf dotlist)",
@@ -222,7 +223,8 @@ class LossMonitor:
     def add(self, iteration: int, loss_dict: Dict[str, torch.Tensor]) -> None:
         terms = torch.stack([loss_dict[k].to(torch.float64) for k in METRIC_KEYS])
         newly_bad = ~torch.isfinite(terms[0]) & (self.first_bad_iter < 0)
-        self.first_bad_iter = torch.where(newly_bad, torch.full_like(self.first_bad_iter, iteration), self.first_bad_iter)
+        bad_iter = torch.full_like(self.first_bad_iter, iteration)
+        self.first_bad_iter = torch.where(newly_bad, bad_iter, self.first_bad_iter)
         self.first_bad_terms = torch.where(newly_bad, terms, self.first_bad_terms)
         self.window += terms
         self.count += 1
@@ -261,13 +263,17 @@ def _needs_sync(iteration: int, max_iter: int, periods: Sequence[int]) -> bool:
     return iteration == max_iter - 1 or any(p > 0 and (iteration + 1) % p == 0 for p in periods)
 
 
+def input_dtype(cfg: DictConfig) -> torch.dtype:
+    """dtype of the collated crops: the student backbone's FSDP param dtype on CUDA, float32 on CPU."""
+    if not torch.cuda.is_available():
+        return torch.float32
+    return as_torch_dtype(cfg.compute_precision.student.backbone.mixed_precision.param_dtype)
+
+
 def do_train(cfg: DictConfig, model: SSLMetaArch, resume: bool = False) -> Dict[str, float]:
     """Train until `optim.epochs * OFFICIAL_EPOCH_LENGTH` iterations; returns the last logged metrics."""
     model.train()
-    use_cuda = torch.cuda.is_available()
-    inputs_dtype = (
-        as_torch_dtype(cfg.compute_precision.student.backbone.mixed_precision.param_dtype) if use_cuda else torch.float32
-    )
+    inputs_dtype = input_dtype(cfg)
     fp16_scaler = model.fp16_scaler
 
     optimizer = build_optimizer(cfg, model.get_params_groups())
@@ -279,7 +285,9 @@ def do_train(cfg: DictConfig, model: SSLMetaArch, resume: bool = False) -> Dict[
     eval_period = cfg.evaluation.eval_period_iterations
 
     checkpointables: Dict[str, Any] = {"scaler": fp16_scaler} if fp16_scaler is not None else {}
-    checkpointer = FSDPCheckpointer(model, cfg.train.output_dir, optimizer=optimizer, save_to_disk=True, **checkpointables)
+    checkpointer = FSDPCheckpointer(
+        model, cfg.train.output_dir, optimizer=optimizer, save_to_disk=True, **checkpointables
+    )
     # resuming logs "Resumed training from checkpoint <file> at iteration <last saved iteration>" on every rank
     start_iter = checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=resume).get("iteration", -1) + 1
     periodic_checkpointer = PeriodicCheckpointer(

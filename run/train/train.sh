@@ -61,8 +61,8 @@ echo "== pretraining: $NNODES node(s) x $NPROC process(es), config $CONFIG, outp
 
 EVAL_CONFIG="$OUTPUT_DIR/config.yaml"
 cfg_value() {  # $1 = python expression of the run's resolved config `c`
-    "$PYTHON" -c 'import sys; from omegaconf import OmegaConf; c = OmegaConf.load(sys.argv[1]); print(eval(sys.argv[2]))' \
-        "$EVAL_CONFIG" "$1"
+    local code='import sys; from omegaconf import OmegaConf; c = OmegaConf.load(sys.argv[1]); print(eval(sys.argv[2]))'
+    "$PYTHON" -c "$code" "$EVAL_CONFIG" "$1"
 }
 LAST_EVAL="$OUTPUT_DIR/eval/training_$(cfg_value 'c.optim.epochs * c.train.OFFICIAL_EPOCH_LENGTH - 1')"
 TEACHER="$LAST_EVAL/teacher_checkpoint.pth"
@@ -76,7 +76,8 @@ TRAIN_SPLIT="BBU:root=${DATA_ROOT}:split=TRAIN"
 VAL_SPLIT="BBU:root=${DATA_ROOT}:split=VAL"
 TEST_SPLIT="BBU:root=${DATA_ROOT}:split=TEST"
 if [[ -z "${EVAL_OPTS:-}" ]]; then
-    EVAL_OPTS="$(cfg_value '"--resize-size {0} --crop-size {0} --num-workers {1}".format(c.crops.global_crops_size, c.train.num_workers)')"
+    EVAL_OPTS="$(cfg_value '"--resize-size {0} --crop-size {0} --num-workers {1}".format(
+        c.crops.global_crops_size, c.train.num_workers)')"
 fi
 
 run_probes() {  # $1 = weights, $2 = output directory (the three probes share its feature cache)
@@ -86,7 +87,8 @@ run_probes() {  # $1 = weights, $2 = output directory (the three probes share it
         --train-dataset "$TRAIN_SPLIT" --val-dataset "$TEST_SPLIT" $EVAL_OPTS
     # shellcheck disable=SC2086
     "$PYTHON" -m dinov2.eval.linear --config-file "$EVAL_CONFIG" --pretrained-weights "$weights" --output-dir "$out" \
-        --train-dataset "$TRAIN_SPLIT" --val-dataset "$VAL_SPLIT" --test-datasets "$TEST_SPLIT" $EVAL_OPTS $LINEAR_OPTS
+        --train-dataset "$TRAIN_SPLIT" --val-dataset "$VAL_SPLIT" --test-datasets "$TEST_SPLIT" \
+        $EVAL_OPTS $LINEAR_OPTS
     # shellcheck disable=SC2086
     "$PYTHON" -m dinov2.eval.log_regression --config-file "$EVAL_CONFIG" --pretrained-weights "$weights" \
         --output-dir "$out" --train-dataset "$TRAIN_SPLIT" --val-dataset "$VAL_SPLIT" --test-datasets "$TEST_SPLIT" \
@@ -97,4 +99,5 @@ run_probes "$TEACHER" "$OUTPUT_DIR/eval/final/teacher"
 run_probes random "$OUTPUT_DIR/eval/final/random"
 
 echo "== summary (teacher of $LAST_EVAL vs random initialisation)"
-"$PYTHON" -m dinov2.eval.summary --eval-dir "$OUTPUT_DIR/eval/final/teacher" --baseline-dir "$OUTPUT_DIR/eval/final/random"
+"$PYTHON" -m dinov2.eval.summary \
+    --eval-dir "$OUTPUT_DIR/eval/final/teacher" --baseline-dir "$OUTPUT_DIR/eval/final/random"

@@ -27,9 +27,8 @@ from torch import nn
 import dinov2.distributed as distributed
 from dinov2.data import MaskingGenerator, collate_data_and_cast
 from dinov2.train.ssl_meta_arch import SSLMetaArch
-from dinov2.train.train import apply_optim_scheduler, build_optimizer, build_schedulers, clip_gradients
+from dinov2.train.train import apply_optim_scheduler, build_optimizer, build_schedulers, clip_gradients, input_dtype
 from dinov2.utils.config import apply_scaling_rules_to_cfg, get_cfg_from_args
-from dinov2.utils.dtype import as_torch_dtype
 
 # Dense fp16/bf16 tensor-core peaks (TFLOP/s) for MFU when --peak-tflops is not given.
 KNOWN_PEAK_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "V100": 125.0, "L40S": 362.1, "A10": 125.0}
@@ -118,7 +117,7 @@ def run(args: argparse.Namespace) -> List[Dict]:
     random.seed(int(cfg.train.seed))
     use_cuda = torch.cuda.is_available()
     device = torch.device("cuda") if use_cuda else torch.device("cpu")
-    dtype = as_torch_dtype(cfg.compute_precision.student.backbone.mixed_precision.param_dtype) if use_cuda else torch.float32
+    dtype = input_dtype(cfg)
 
     model = SSLMetaArch(cfg).to(device)
     model.prepare_for_distributed_training()

@@ -17,9 +17,11 @@ from dinov2.data.augmentations import make_augmentation_from_cfg
 from dinov2.data.fast_crops import (
     ColorJitterParams,
     CropParams,
+    adjust_hue,
     choose_draft_scale,
     decode_for_crops,
     gaussian_blur_uint8,
+    hsv_tables,
     render_crop,
     sample_color_jitter,
     sample_resized_crop_box,
@@ -390,6 +392,36 @@ def test_flip_grayscale_solarize_jitter_ops():
     jittered = render_crop(image, _plain(box, 64, jitter=jitter), 1.0, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
     expected = F.adjust_saturation(F.adjust_brightness(F.adjust_contrast(F.adjust_hue(crop, 0.05), 0.7), 1.3), 1.1)
     assert torch.allclose(jittered * STD + MEAN, F.to_tensor(expected), atol=1e-5)
+
+
+def test_adjust_hue_is_torchvision_bit_for_bit():
+    rng = np.random.default_rng(5)
+    noise = Image.fromarray(rng.integers(0, 256, (37, 53, 3), dtype=np.uint8))
+    photo = _photo(300, 200, seed=6).resize((96, 96), Image.Resampling.BICUBIC, box=(20, 10, 260, 190))
+    levels = np.array([0, 1, 127, 128, 254, 255], dtype=np.uint8)  # greys, primaries, near-ties of max channels
+    corners = Image.fromarray(np.stack(np.meshgrid(levels, levels, levels, indexing="ij"), -1).reshape(36, 6, 3))
+    # delta 0 (|factor| < 1/255), both signs, the torchvision limits and values that wrap the uint8 hue
+    factors = [0.0, 0.003, -0.003, 0.05, -0.05, 0.1, -0.1, -0.0999, 0.5, -0.5] + list(rng.uniform(-0.1, 0.1, 6))
+    for image in (noise, photo, corners):
+        for factor in factors:
+            assert adjust_hue(image, factor).tobytes() == F.adjust_hue(image, factor).tobytes(), float(factor)
+
+
+def test_hsv_tables_on_known_colours():
+    rgb_to_hsv, hsv_to_rgb = hsv_tables()
+    pack = lambda a, b, c: a | b << 8 | c << 16  # noqa: E731
+    # 8-bit HSV: hue = int(fraction of the circle * 255), saturation = int(chroma / max * 255), value = max
+    known = {(255, 0, 0): (0, 255, 255), (0, 255, 0): (85, 255, 255), (0, 0, 255): (170, 255, 255),
+             (128, 128, 128): (0, 0, 128), (0, 0, 0): (0, 0, 0), (200, 100, 100): (0, 127, 200)}
+    for rgb, hsv in known.items():
+        assert rgb_to_hsv[pack(*rgb)] == pack(*hsv), rgb
+        assert hsv_to_rgb[pack(*hsv)] & 0xFFFFFF == pack(*rgb), hsv  # these six survive the round trip
+    assert rgb_to_hsv.dtype == hsv_to_rgb.dtype == np.uint32 and rgb_to_hsv.shape == hsv_to_rgb.shape == (1 << 24,)
+
+
+def test_adjust_hue_rejects_non_rgb():
+    with pytest.raises(ValueError, match="mode L"):
+        adjust_hue(Image.new("L", (4, 4)), 0.05)
 
 
 @pytest.mark.parametrize("sigma", [0.1, 0.8, 2.0])

@@ -1,5 +1,6 @@
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -72,6 +73,26 @@ def test_resumed_run_reproduces_uninterrupted_losses(tmp_path, sample_root, monk
     ]
 
 
+@pytest.mark.parametrize("as_directory", [False, True], ids=["file", "directory"])
+def test_model_weights_file_or_directory_resumes_another_run(tmp_path, sample_root, as_directory):
+    """MODEL.WEIGHTS = a checkpoint file, or a directory (its last_checkpoint): a full resume in a new output dir."""
+    straight = str(tmp_path / "straight")
+    run_training(straight, tiny_opts(sample_root))  # checkpoints at iterations 3 and 7
+    weights = os.path.join(straight, "model_0000003.rank_0.pth")
+    if as_directory:  # a directory whose newest checkpoint is the one of iteration 3
+        source = tmp_path / "source"
+        source.mkdir()
+        shutil.copy(weights, source)
+        (source / "last_checkpoint.rank_0").write_text("model_0000003.rank_0.pth")
+        weights = str(source)
+    out = str(tmp_path / "continued")
+    run_training(out, tiny_opts(sample_root, MODEL__WEIGHTS=weights))
+    got, expected = _losses_by_iteration(out), _losses_by_iteration(straight)
+    assert sorted(got) == [4, 5, 6, 7]
+    for iteration in got:
+        torch.testing.assert_close(torch.tensor(got[iteration]), torch.tensor(expected[iteration]), rtol=0, atol=1e-6)
+
+
 def test_max_to_keep_and_no_resume(tmp_path, sample_root):
     out = str(tmp_path / "run")
     run_training(out, tiny_opts(sample_root, train__checkpoint_period=2, train__max_to_keep=2))
@@ -120,6 +141,13 @@ def test_teacher_checkpoint_has_flat_keys_and_loads_into_hub_model(tmp_path, sam
     hub_model = vits.vit_tiny(patch_size=16, img_size=64, init_values=1e-5, block_chunks=0)
     backbone = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
     hub_model.load_state_dict(backbone, strict=True)
+
+    # --eval-only resumes the last checkpoint and saves the same teacher under eval/manual_<next iteration>
+    run_training(out, tiny_opts(sample_root, student__block_chunks=4), eval_only=True)
+    manual = torch.load(os.path.join(out, "eval", "manual_8", "teacher_checkpoint.pth"), weights_only=True)["teacher"]
+    assert list(manual) == list(state)
+    for k, v in state.items():
+        assert torch.equal(manual[k], v), k
 
 
 def test_two_process_torchrun_saves_and_resumes(tmp_path, sample_root):

@@ -58,13 +58,13 @@ def random_batch(cfg: DictConfig, seed: int) -> Dict:
     """A collated batch of random crops with real iBOT masks, reproducible from `seed`."""
     generator = torch.Generator().manual_seed(seed)
     random.seed(seed)
-    g, loc = cfg.crops.global_crops_size, cfg.crops.local_crops_size
+    g, loc, n_local = cfg.crops.global_crops_size, cfg.crops.local_crops_size, cfg.crops.local_crops_number
     grid = g // cfg.student.patch_size
     samples = [
         (
             {
                 "global_crops": [torch.randn(3, g, g, generator=generator) for _ in range(2)],
-                "local_crops": [torch.randn(3, loc, loc, generator=generator) for _ in range(cfg.crops.local_crops_number)],
+                "local_crops": [torch.randn(3, loc, loc, generator=generator) for _ in range(n_local)],
             },
             (),
         )
@@ -80,11 +80,14 @@ def random_batch(cfg: DictConfig, seed: int) -> Dict:
     )
 
 
-def run_training(output_dir: str, opts: List[str], no_resume: bool = False, config_file: str = SAMPLE_CONFIG):
+def run_training(
+    output_dir: str, opts: List[str], no_resume: bool = False, eval_only: bool = False, config_file: str = SAMPLE_CONFIG
+):
     """dinov2/train/train.py main() in this process (world size 1); returns its last logged metrics."""
     from dinov2.train.train import get_args_parser, main
 
-    argv = ["--config-file", config_file, "--output-dir", output_dir, *(["--no-resume"] if no_resume else []), *opts]
+    flags = (["--no-resume"] if no_resume else []) + (["--eval-only"] if eval_only else [])
+    argv = ["--config-file", config_file, "--output-dir", output_dir, *flags, *opts]
     try:
         return main(get_args_parser().parse_args(argv))
     finally:
