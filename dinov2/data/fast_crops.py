@@ -201,13 +201,12 @@ def hsv_tables() -> Tuple[np.ndarray, np.ndarray]:
     colour, so a lookup gives bit-identical results; DataLoader workers forked after the build share the pages.
     """
     size = (4096, 4096)
-    every_colour = np.arange(1 << 24, dtype="<u4").tobytes()
-    hsv = Image.frombytes("RGB", size, every_colour, "raw", "RGBX").convert("HSV").tobytes()
+    grid = Image.frombytes("RGB", size, np.arange(1 << 24, dtype="<u4").tobytes(), "raw", "RGBX")
     rgb_to_hsv = np.zeros(1 << 24, dtype="<u4")
-    rgb_to_hsv.view(np.uint8).reshape(-1, 4)[:, :3] = np.frombuffer(hsv, dtype=np.uint8).reshape(-1, 3)
-    as_hsv = Image.frombytes("HSV", size, Image.frombytes("RGB", size, every_colour, "raw", "RGBX").tobytes())
+    rgb_to_hsv.view(np.uint8).reshape(-1, 4)[:, :3] = np.frombuffer(grid.convert("HSV").tobytes(), np.uint8).reshape(-1, 3)
+    grid = Image.frombytes("HSV", size, grid.tobytes())  # the same bytes read as (H, S, V)
     # a numpy-owned copy: numpy backs large arrays with transparent huge pages, which halves the TLB misses
-    hsv_to_rgb = np.frombuffer(as_hsv.convert("RGB").tobytes("raw", "RGBX"), dtype="<u4").copy()
+    hsv_to_rgb = np.frombuffer(grid.convert("RGB").tobytes("raw", "RGBX"), dtype="<u4").copy()
     return rgb_to_hsv, hsv_to_rgb
 
 

@@ -293,7 +293,7 @@ class SSLMetaArch(nn.Module):
         """Teacher <- student, then wrap each submodule with `dinov2.fsdp.get_fsdp_wrapper` (BlockChunk units)."""
         logger.info("DISTRIBUTED FSDP -- preparing model for distributed training")
         if has_batchnorms(self.student):
-            raise NotImplementedError("BatchNorm layers are not supported by the FSDP training path")
+            raise TypeError("BatchNorm layers are not supported by the FSDP training path (use LayerNorm)")
         self._copy_student_to_teacher()
         precision = self.cfg.compute_precision
         if not self.use_cuda:
