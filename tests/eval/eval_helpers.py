@@ -6,6 +6,8 @@ import pathlib
 import torch
 from omegaconf import OmegaConf
 
+import dinov2.distributed as distributed
+
 from dinov2.configs import dinov2_default_config, merge_configs
 from dinov2.eval import features as features_module
 from dinov2.eval.features import FeatureSet
@@ -58,9 +60,12 @@ def run_all_probes(root, config, weights, output_dir):
     counts = {}
     runners = {"knn": knn.run_eval_knn, "linear": linear.run_eval_linear,
                "log_regression": log_regression.run_eval_log_regression}
-    for probe, module in PROBES.items():
-        runners[probe](probe_args(module, config, weights, output_dir, *probe_options(probe, root)))
-        counts[probe] = dict(features_module.EXTRACTION_COUNTS)
+    try:
+        for probe, module in PROBES.items():
+            runners[probe](probe_args(module, config, weights, output_dir, *probe_options(probe, root)))
+            counts[probe] = dict(features_module.EXTRACTION_COUNTS)
+    finally:
+        distributed.disable()  # session fixtures call this: leave no process group or exported variables behind
     return counts
 
 
