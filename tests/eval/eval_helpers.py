@@ -7,7 +7,6 @@ import torch
 from omegaconf import OmegaConf
 
 import dinov2.distributed as distributed
-
 from dinov2.configs import dinov2_default_config, merge_configs
 from dinov2.eval import features as features_module
 from dinov2.eval.features import FeatureSet
