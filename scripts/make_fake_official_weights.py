@@ -19,17 +19,12 @@ import torch
 from torch import nn
 
 from dinov2.hub import backbones
+from dinov2.utils.utils import atomic_write
 
 BACKBONES = (
     "dinov2_vits14", "dinov2_vitb14", "dinov2_vitl14", "dinov2_vitg14",
     "dinov2_vits14_reg", "dinov2_vitb14_reg", "dinov2_vitl14_reg", "dinov2_vitg14_reg",
 )  # fmt: skip
-
-
-def _save(state_dict: dict, path: str) -> None:
-    tmp_path = f"{path}.tmp.{os.getpid()}"
-    torch.save(state_dict, tmp_path)
-    os.replace(tmp_path, path)
 
 
 def make_fake_official_weights(
@@ -52,7 +47,7 @@ def make_fake_official_weights(
                 files[f"{stem}_linear{suffix}_head.pth"] = nn.Linear((1 + layers) * model.embed_dim, 1000).state_dict()
         for file_name, state_dict in files.items():
             path = os.path.join(out_dir, file_name)
-            _save(state_dict, path)
+            atomic_write(path, lambda f, sd=state_dict: torch.save(sd, f))
             written.append(path)
     return written
 

@@ -28,7 +28,8 @@ import dinov2.distributed as distributed
 from dinov2.data import make_dataset
 from dinov2.data.transforms import make_classification_eval_transform
 from dinov2.eval.setup import RANDOM_WEIGHTS, check_qc_arguments, setup_eval_model
-from dinov2.eval.utils import ModelWithIntermediateLayers, atomic_write, extract_features, make_autocast_ctx
+from dinov2.eval.utils import ModelWithIntermediateLayers, extract_features, make_autocast_ctx
+from dinov2.utils.utils import atomic_write
 
 logger = logging.getLogger("dinov2")
 
@@ -206,7 +207,7 @@ class FeatureStore:
         if distributed.is_main_process():
             os.makedirs(self.cache_dir, exist_ok=True)
             payload = {"fields": fields, "features": features, "labels": labels}
-            atomic_write(path, lambda f: torch.save(payload, f), binary=True)
+            atomic_write(path, lambda f: torch.save(payload, f))
         return features, labels
 
     def get(self, dataset_str: str) -> FeatureSet:

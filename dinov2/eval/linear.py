@@ -26,7 +26,8 @@ from dinov2.eval.metrics import SELECTION_METRICS, selection_score
 from dinov2.eval.reports import evaluate_split, results_header, write_results
 from dinov2.eval.setup import add_qc_arguments, get_probe_args_parser
 from dinov2.eval.thresholds import choose_thresholds
-from dinov2.eval.utils import atomic_write, run_on_main_process
+from dinov2.eval.utils import run_on_main_process
+from dinov2.utils.utils import atomic_write
 
 logger = logging.getLogger("dinov2")
 
@@ -171,7 +172,7 @@ def save_linear_classifier(path: str, classifier: LinearClassifier, metadata: Di
         "num_classes": classifier.num_classes,
         **metadata,
     }
-    atomic_write(path, lambda f: torch.save(payload, f), binary=True)
+    atomic_write(path, lambda f: torch.save(payload, f))
 
 
 def load_linear_classifier(path: str) -> Tuple[LinearClassifier, Dict[str, object]]:

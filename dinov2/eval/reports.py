@@ -24,7 +24,7 @@ from sklearn.metrics import precision_recall_curve, roc_curve
 from dinov2.eval.features import FeatureSet
 from dinov2.eval.metrics import aggregate_groups, positive_scores, qc_metrics
 from dinov2.eval.setup import RANDOM_WEIGHTS
-from dinov2.eval.utils import atomic_write
+from dinov2.utils.utils import atomic_write
 
 logger = logging.getLogger("dinov2")
 
@@ -39,7 +39,7 @@ def results_path(output_dir: str, probe: str) -> str:
 
 
 def write_json_atomic(path: str, obj: object) -> None:
-    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2) + "\n"))
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2) + "\n"), binary=False)
 
 
 def _write_csv_atomic(path: str, header: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
@@ -48,7 +48,7 @@ def _write_csv_atomic(path: str, header: Sequence[str], rows: Sequence[Sequence[
         writer.writerow(header)
         writer.writerows(rows)
 
-    atomic_write(path, write)
+    atomic_write(path, write, binary=False)
 
 
 def _fmt(value: Optional[float]) -> str:
@@ -92,7 +92,7 @@ def _plot_level(path: str, title: str, labels: np.ndarray, scores: np.ndarray, m
     hist_ax.legend(loc="upper center")
     figure.suptitle(title)
     figure.tight_layout()
-    atomic_write(path, lambda f: figure.savefig(f, format="png", dpi=80), binary=True)
+    atomic_write(path, lambda f: figure.savefig(f, format="png", dpi=80))
 
 
 def evaluate_split(
@@ -227,5 +227,5 @@ def write_report(output_dir: str) -> str:
                 notes.append(f"{entry['tag']} files: {files}")
         lines += [""] + [f"- {note}" for note in notes] + [""]
     path = os.path.join(output_dir, "report.md")
-    atomic_write(path, lambda f: f.write("\n".join(lines) + "\n"))
+    atomic_write(path, lambda f: f.write("\n".join(lines) + "\n"), binary=False)
     return path

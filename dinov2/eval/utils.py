@@ -20,15 +20,6 @@ logger = logging.getLogger("dinov2")
 T = TypeVar("T")
 
 
-def atomic_write(path: str, write: Callable[[IO], None], binary: bool = False) -> None:
-    """Write `path` through `write(file)` on a temporary file next to it, then rename it into place, so a reader never
-    sees a partial file."""
-    tmp_path = f"{path}.tmp.{os.getpid()}"
-    with open(tmp_path, "wb" if binary else "w", **({} if binary else {"newline": ""})) as f:
-        write(f)
-    os.replace(tmp_path, path)
-
-
 def run_on_main_process(probe: Callable[..., T], *args: Any) -> Optional[T]:
     """`probe(*args)` on the main process only (None on the other ranks), then a barrier, so that no rank moves on
     (or exits) before the main process has written the results."""

@@ -22,7 +22,6 @@ import logging
 import os
 import random
 import re
-import tempfile
 from typing import Any, Dict, List, Optional
 
 import numpy as np
@@ -37,6 +36,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 import dinov2.distributed as distributed
+from dinov2.utils.utils import atomic_write
 
 logger = logging.getLogger("dinov2")
 
@@ -46,36 +46,6 @@ _RANK_PATTERN = re.compile(r"rank_\d+")
 
 def _rankstr(rank: Optional[int] = None) -> str:
     return f"rank_{distributed.get_global_rank() if rank is None else rank}"
-
-
-def _fsync_dir(dirname: str) -> None:
-    try:
-        fd = os.open(dirname, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: str, write_fn) -> None:
-    """Write via `write_fn(file)` to a temp file next to `path`, fsync, then os.replace onto `path`."""
-    dirname, basename = os.path.split(os.path.abspath(path))
-    fd, tmp_path = tempfile.mkstemp(prefix=f".{basename}.", suffix=".tmp", dir=dirname)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write_fn(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.unlink(tmp_path)
-        raise
-    _fsync_dir(dirname)
 
 
 def get_rng_state() -> Dict[str, Any]:
@@ -224,10 +194,10 @@ class FSDPCheckpointer:
             os.makedirs(self.save_dir, exist_ok=True)
             save_file = os.path.join(self.save_dir, basename)
             logger.info(f"Saving checkpoint to {save_file}")
-            _atomic_write(save_file, lambda f: torch.save(data, f))
+            atomic_write(save_file, lambda f: torch.save(data, f))
         distributed.barrier()  # every rank's file exists before any tag names it
         if write:
-            _atomic_write(self._tag_file(), lambda f: f.write(basename.encode()))
+            atomic_write(self._tag_file(), lambda f: f.write(basename.encode()))
         distributed.barrier()
 
     # ---- load --------------------------------------------------------------------------------------------------

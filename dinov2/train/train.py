@@ -28,12 +28,12 @@ import dinov2.distributed as distributed
 from dinov2.data import MaskingGenerator, SamplerType, collate_data_and_cast, make_data_loader, make_dataset
 from dinov2.data.augmentations import make_augmentation_from_cfg
 from dinov2.fsdp import FSDPCheckpointer, PeriodicCheckpointer, is_fsdp
-from dinov2.fsdp.checkpointer import _atomic_write, get_rng_state, set_rng_state
+from dinov2.fsdp.checkpointer import get_rng_state, set_rng_state
 from dinov2.logging import MetricLogger, SmoothedValue
 from dinov2.train.ssl_meta_arch import LOSS_KEYS, SSLMetaArch
 from dinov2.utils.config import setup
 from dinov2.utils.dtype import as_torch_dtype
-from dinov2.utils.utils import CosineScheduler, convert_chunked_to_flat
+from dinov2.utils.utils import CosineScheduler, atomic_write, convert_chunked_to_flat
 
 torch.backends.cuda.matmul.allow_tf32 = True  # PyTorch 1.12 sets this to False by default
 logger = logging.getLogger("dinov2")
@@ -126,7 +126,7 @@ def do_test(cfg: DictConfig, model: SSLMetaArch, iteration: str) -> Optional[str
         return None
     path = os.path.join(cfg.train.output_dir, "eval", iteration, "teacher_checkpoint.pth")
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    _atomic_write(path, lambda f: torch.save({"teacher": state}, f))
+    atomic_write(path, lambda f: torch.save({"teacher": state}, f))
     logger.info(f"Saved teacher checkpoint to {path}")
     return path
 

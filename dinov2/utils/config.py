@@ -32,10 +32,7 @@ def write_config(cfg: DictConfig, output_dir: str, name: str = "config.yaml") ->
     logger.info(OmegaConf.to_yaml(cfg))
     os.makedirs(output_dir, exist_ok=True)
     saved_cfg_path = os.path.join(os.path.abspath(output_dir), name)
-    tmp_path = f"{saved_cfg_path}.tmp.{os.getpid()}"
-    with open(tmp_path, "w") as f:
-        OmegaConf.save(config=cfg, f=f)
-    os.replace(tmp_path, saved_cfg_path)
+    utils.atomic_write(saved_cfg_path, lambda f: OmegaConf.save(config=cfg, f=f), binary=False)
     return saved_cfg_path
 
 

@@ -5,8 +5,9 @@ import os
 import random
 import re
 import subprocess
+import tempfile
 from collections import Counter
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
+from typing import IO, Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -221,6 +222,41 @@ def load_pretrained_weights(
         state_dict = {key: value for key, value in state_dict.items() if key in model_state and key not in mismatched}
     model.load_state_dict(state_dict, strict=strict)
     logger.info(f"Loaded pretrained weights from {path}")
+
+
+def _fsync_dir(dirname: str) -> None:
+    """Persist a rename on file systems that need the directory synced (best effort)."""
+    try:
+        fd = os.open(dirname, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str, write_fn: Callable[[IO], None], binary: bool = True) -> None:
+    """Write `path` through `write_fn(file)` on a temp file next to it, fsync, then `os.replace` it into place.
+
+    A reader (or a resumed run) never sees a partial file: a crash leaves only a hidden `.<name>.*.tmp` file.
+    Text mode (`binary=False`) writes with `newline=""` so CSV writers control line endings.
+    """
+    dirname, basename = os.path.split(os.path.abspath(path))
+    fd, tmp_path = tempfile.mkstemp(prefix=f".{basename}.", suffix=".tmp", dir=dirname)
+    try:
+        with os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", newline="") as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.unlink(tmp_path)
+        raise
+    _fsync_dir(dirname)
 
 
 def fix_random_seeds(seed: int = 31) -> None:

@@ -16,6 +16,8 @@ from typing import Callable, List, Optional, Tuple, Union
 
 import numpy as np
 
+from dinov2.utils.utils import atomic_write
+
 from .extended import ImageFileDataset, SplitEnum
 
 logger = logging.getLogger("dinov2")
@@ -53,10 +55,7 @@ class _Split(SplitEnum):
 
 def save_npy_atomic(array: np.ndarray, path: str) -> None:
     """np.save to a temporary file, then rename: readers never see a partial file."""
-    tmp_path = path + ".tmp"
-    with open(tmp_path, "wb") as f:
-        np.save(f, array)
-    os.replace(tmp_path, path)
+    atomic_write(path, lambda f: np.save(f, array))
 
 
 def mismatched_class_entries(entries: np.ndarray, class_ids: np.ndarray) -> np.ndarray:
