@@ -238,6 +238,12 @@ def _fsync_dir(dirname: str) -> None:
         os.close(fd)
 
 
+def _current_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 def atomic_write(path: str, write_fn: Callable[[IO], None], binary: bool = True) -> None:
     """Write `path` through `write_fn(file)` on a temp file next to it, fsync, then `os.replace` it into place.
 
@@ -251,6 +257,7 @@ def atomic_write(path: str, write_fn: Callable[[IO], None], binary: bool = True)
             write_fn(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp_path, 0o666 & ~_current_umask())  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp_path, path)
     except BaseException:
         if os.path.exists(tmp_path):

@@ -3,6 +3,7 @@ seeding, git info, CosineScheduler, BatchNorm detection."""
 
 import logging
 import math
+import os
 import random
 import subprocess
 import urllib.error
@@ -307,3 +308,28 @@ def test_has_batchnorms():
     assert has_batchnorms(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)))
     assert has_batchnorms(nn.ModuleDict({"head": nn.Sequential(nn.Linear(2, 2), nn.SyncBatchNorm(2))}))
     assert not has_batchnorms(nn.Sequential(nn.LayerNorm(4), nn.GroupNorm(2, 4)))
+
+
+def test_atomic_write_replaces_whole_files_and_keeps_the_old_one_on_failure(tmp_path):
+    from dinov2.utils.utils import atomic_write
+
+    path = tmp_path / "result.json"
+    atomic_write(str(path), lambda f: f.write("first\n"), binary=False)
+    assert path.read_text() == "first\n"
+
+    def crash(f):
+        f.write(b"partial")
+        raise KeyboardInterrupt  # e.g. the job is killed mid-write
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(str(path), crash)
+    assert path.read_text() == "first\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["result.json"]  # no temp file left behind
+
+    umask = os.umask(0o022)
+    try:
+        atomic_write(str(path), lambda f: f.write(b"second"))
+    finally:
+        os.umask(umask)
+    assert path.read_bytes() == b"second"
+    assert path.stat().st_mode & 0o777 == 0o644
