@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Benchmarks: `backbone`, `data`, `train`, `extract`. Each run prints one JSON line.
+"""Benchmarks: `backbone`, `data`, `train`, `parity`, `extract`. Each run prints one JSON line; the exit code is 1
+when a record says `"within_tolerance": false` (the loss-parity check).
 
 Usage: python scripts/benchmark.py <subcommand> [options]; `python scripts/benchmark.py <subcommand> --help` lists them.
 Each subcommand lives in scripts/benchmarks/<name>.py and exposes `add_arguments(parser)` and `run(args) -> list[dict]`;
@@ -12,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-SUBCOMMANDS = ("backbone", "data", "train", "extract")
+SUBCOMMANDS = ("backbone", "data", "train", "parity", "extract")
 
 
 def main(argv=None) -> int:
@@ -26,9 +27,10 @@ def main(argv=None) -> int:
     sub = argparse.ArgumentParser(prog=f"benchmark.py {argv[0]}", description=module.__doc__)
     module.add_arguments(sub)
     args = sub.parse_args(argv[1:])
-    for record in module.run(args):
+    records = module.run(args)
+    for record in records:
         print(json.dumps(record), flush=True)
-    return 0
+    return 1 if any(record.get("within_tolerance") is False for record in records) else 0
 
 
 if __name__ == "__main__":

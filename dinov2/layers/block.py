@@ -6,12 +6,18 @@ rate); for rates in (0, 0.1] per-sample DropPath is used; in eval mode the resid
 
 `NestedTensorBlock` also takes a list of (B_i, N_i, D) tensors (multi-crop: global and local crops): norms, linear
 layers and the FFN run once on all tokens concatenated, attention runs per crop set.
+
+Activation checkpointing (`activation_checkpointing = True`, set from `train.activation_checkpointing`): in training
+with autograd on, a block keeps only its input for backward and recomputes its activations there (non-reentrant
+`torch.utils.checkpoint` with the RNG state preserved, so stochastic depth redraws the same subsets and the
+gradients are those of the plain block).
 """
 
 from typing import Callable, Sequence
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .attention import Attention
 from .drop_path import DropPath
@@ -84,6 +90,7 @@ class Block(nn.Module):
         self.ls2 = LayerScale(dim, init_values=init_values) if init_values else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.sample_drop_ratio = drop_path
+        self.activation_checkpointing = False
 
     def attn_residual(self, x: torch.Tensor) -> torch.Tensor:
         return self.ls1(self.attn(self.norm1(x)))
@@ -91,7 +98,13 @@ class Block(nn.Module):
     def ffn_residual(self, x: torch.Tensor) -> torch.Tensor:
         return self.ls2(self.mlp(self.norm2(x)))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
+        if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(self.forward_impl, x, use_reentrant=False)
+        return self.forward_impl(x)
+
+    def forward_impl(self, x: torch.Tensor) -> torch.Tensor:
+        """The block without activation checkpointing."""
         if self.training and self.sample_drop_ratio > 0.1:
             x = drop_add_residual_stochastic_depth(x, self.attn_residual, self.sample_drop_ratio)
             return drop_add_residual_stochastic_depth(x, self.ffn_residual, self.sample_drop_ratio)
@@ -136,9 +149,9 @@ class NestedTensorBlock(Block):
         x_list = [x + r for x, r in zip(x_list, self.attn_residual_list(x_list))]
         return [x + r for x, r in zip(x_list, self.ffn_residual_list(x_list))]
 
-    def forward(self, x_or_x_list: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
+    def forward_impl(self, x_or_x_list: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
         if isinstance(x_or_x_list, torch.Tensor):
-            return super().forward(x_or_x_list)
+            return super().forward_impl(x_or_x_list)
         if isinstance(x_or_x_list, (list, tuple)):
             return self.forward_nested(x_or_x_list)
         raise TypeError(f"NestedTensorBlock expects a tensor or a list of tensors, got {type(x_or_x_list).__name__}")

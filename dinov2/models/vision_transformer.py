@@ -157,6 +157,20 @@ class DinoVisionTransformer(nn.Module):
             return list(self.blocks)
         return [block for chunk in self.blocks for block in chunk if not isinstance(block, nn.Identity)]
 
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        """Recompute each block's activations in backward instead of storing them (`train.activation_checkpointing`):
+        activation memory drops to one block's input per block, at the cost of a second forward of the blocks."""
+        for block in self.flat_blocks():
+            block.activation_checkpointing = bool(enabled)
+
+    def compile_blocks(self, backend: str = "inductor", mode: str | None = None) -> None:
+        """`torch.compile` every block in place (`nn.Module.compile`, so parameter names and state-dict keys are
+        unchanged and FSDP wraps the compiled blocks as before). Shapes are static (`dynamic=False`); blocks share
+        their graphs (one for the list of crop sets in training, one for a single tensor), compiled on first use.
+        """
+        for block in self.flat_blocks():
+            block.compile(backend=backend, mode=mode, dynamic=False)
+
     def interpolate_pos_encoding(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
         """Position embedding for tokens `x` (cls + patches) of an `h` x `w` pixel input, in x's dtype.
 

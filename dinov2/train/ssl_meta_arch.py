@@ -30,7 +30,7 @@ N_GLOBAL_CROPS = 2
 LOSS_KEYS = ("dino_local_crops_loss", "dino_global_crops_loss", "koleo_loss", "ibot_loss")
 
 
-def _fp32_precision(precision_cfg: DictConfig) -> DictConfig:
+def fp32_precision(precision_cfg: DictConfig) -> DictConfig:
     """Copy of `compute_precision` with every mixed-precision dtype set to fp32 (the CPU path)."""
     cfg = OmegaConf.create(OmegaConf.to_container(precision_cfg))
     for side in ("student", "teacher"):
@@ -38,6 +38,25 @@ def _fp32_precision(precision_cfg: DictConfig) -> DictConfig:
             for key in module_cfg.mixed_precision:
                 module_cfg.mixed_precision[key] = "fp32"
     return cfg
+
+
+def _compile_kwargs(train_cfg: DictConfig) -> Dict[str, Any]:
+    """`train.compile_backend` / `train.compile_mode` checked against what this PyTorch offers."""
+    from torch._dynamo import list_backends
+    from torch._inductor import list_mode_options
+
+    backend = str(train_cfg.compile_backend)
+    backends = list_backends(exclude_tags=())
+    if backend not in backends:
+        raise ValueError(f"train.compile_backend {backend!r} is not a torch.compile backend; expected one of {backends}")
+    mode = train_cfg.compile_mode
+    if mode is not None:
+        modes = list(list_mode_options()) if backend == "inductor" else []
+        if mode not in modes:
+            raise ValueError(
+                f"train.compile_mode {mode!r} is not a mode of backend {backend!r}; expected null or one of {modes}"
+            )
+    return {"backend": backend, "mode": mode}
 
 
 class SSLMetaArch(nn.Module):
@@ -50,6 +69,11 @@ class SSLMetaArch(nn.Module):
         self.fp16_scaler = ShardedGradScaler() if (self.use_cuda and cfg.compute_precision.grad_scaler) else None
 
         student_backbone, teacher_backbone, embed_dim = build_model_from_cfg(cfg)
+        student_backbone.set_activation_checkpointing(cfg.train.activation_checkpointing)
+        if cfg.train.compile:
+            compile_kwargs = _compile_kwargs(cfg.train)
+            student_backbone.compile_blocks(**compile_kwargs)
+            teacher_backbone.compile_blocks(**compile_kwargs)
         student_model_dict = {"backbone": student_backbone}
         teacher_model_dict = {"backbone": teacher_backbone}
         self.embed_dim = embed_dim
@@ -297,7 +321,7 @@ class SSLMetaArch(nn.Module):
         self._copy_student_to_teacher()
         precision = self.cfg.compute_precision
         if not self.use_cuda:
-            precision = _fp32_precision(precision)
+            precision = fp32_precision(precision)
         wrap_units = {BlockChunk} if self.cfg.student.block_chunks > 0 else set()
         for k in list(self.student.keys()):
             self.student[k] = get_fsdp_wrapper(precision.student[k], modules_to_wrap=wrap_units)(self.student[k])

@@ -259,6 +259,20 @@ def clip_gradients(model: SSLMetaArch, max_norm: float) -> None:
             torch.nn.utils.clip_grad_norm_(module.parameters(), max_norm)
 
 
+def optimizer_step(model: SSLMetaArch, optimizer: torch.optim.Optimizer, clip_grad: float) -> None:
+    """Gradient clipping (on unscaled gradients) and the optimizer step, through the grad scaler if there is one."""
+    scaler = model.fp16_scaler
+    if scaler is not None and clip_grad:
+        scaler.unscale_(optimizer)
+    if clip_grad:
+        clip_gradients(model, clip_grad)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+
+
 def _needs_sync(iteration: int, max_iter: int, periods: Sequence[int]) -> bool:
     return iteration == max_iter - 1 or any(p > 0 and (iteration + 1) % p == 0 for p in periods)
 
@@ -322,17 +336,7 @@ def do_train(cfg: DictConfig, model: SSLMetaArch, resume: bool = False) -> Dict[
 
         optimizer.zero_grad(set_to_none=True)
         loss_dict = model.forward_backward(data, teacher_temp=teacher_temp)
-
-        if fp16_scaler is not None:
-            if cfg.optim.clip_grad:
-                fp16_scaler.unscale_(optimizer)
-                clip_gradients(model, cfg.optim.clip_grad)
-            fp16_scaler.step(optimizer)
-            fp16_scaler.update()
-        else:
-            if cfg.optim.clip_grad:
-                clip_gradients(model, cfg.optim.clip_grad)
-            optimizer.step()
+        optimizer_step(model, optimizer, cfg.optim.clip_grad)
         model.update_teacher(mom)
 
         monitor.add(iteration, loss_dict)

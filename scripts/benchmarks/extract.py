@@ -2,7 +2,8 @@
 token, inference mode) on synthetic normalised images, and peak memory on CUDA.
 
 The backbone is randomly initialised from the default config with `--arch/--patch-size/--img-size`; data loading is
-not measured (see the `data` benchmark). The first `--warmup` batches are not timed.
+not measured (see the `data` benchmark). The first `--warmup` batches are not timed (with `--compile`, warm up
+at least one batch: the graphs are built then).
 """
 
 import argparse
@@ -30,6 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--warmup", type=int, default=1, help="untimed batches")
     parser.add_argument("--iters", type=int, default=3, help="timed batches")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the blocks (compiled during warm-up)")
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend with --compile")
 
 
 def run(args: argparse.Namespace) -> List[Dict[str, object]]:
@@ -43,6 +46,8 @@ def run(args: argparse.Namespace) -> List[Dict[str, object]]:
     torch.manual_seed(0)
     backbone, _ = build_model_from_cfg(cfg, only_teacher=True)
     backbone.eval().to(device)
+    if args.compile:
+        backbone.compile_blocks(backend=args.compile_backend)
     n_blocks = min(MAX_BLOCKS, int(backbone.n_blocks))
     model = ProbeFeatureModel(backbone, n_blocks, make_autocast_ctx(DTYPES[args.dtype], device))
     images = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
@@ -69,6 +74,8 @@ def run(args: argparse.Namespace) -> List[Dict[str, object]]:
             "device": str(device),
             "threads": torch.get_num_threads(),
             "n_blocks": n_blocks,
+            "compile": args.compile,
+            "torch": torch.__version__,
             "images_per_s": round(args.iters * args.batch_size / seconds, 2),
             "ms_per_batch": round(1000 * seconds / args.iters, 2),
             "peak_memory_mib": peak_mib,

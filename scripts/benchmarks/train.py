@@ -1,33 +1,41 @@
 """Training speed: full SSL iterations/s on synthetic pre-collated batches with the config's real crop shapes.
 
-One timed iteration = schedules + zero_grad + forward_backward + (scaler unscale) + clip + step + EMA update +
-loss `.item()` (a host sync, so every iteration is complete when its time is taken). The data pipeline is not
-timed (see the `data` benchmark). Prints images/s from the mean and the median iteration time, peak CUDA memory,
-model TFLOP/s and MFU (with --peak-tflops, or the device's known dense fp16/bf16 peak).
+One timed iteration = schedules + zero_grad + forward_backward (which copies the pinned CPU batch to the device) +
+(scaler unscale) + clip + step + EMA update + loss `.item()` (a host sync, so every iteration is complete when its
+time is taken). The data pipeline is not timed (see the `data` benchmark). `--runs` repeats warm-up + timed
+iterations on the same model; the record gives every run's mean and their mean. Prints images/s from the mean and
+the median iteration time, peak CUDA memory, model TFLOP/s and MFU (with --peak-tflops, or the device's known dense
+fp16/bf16 peak). The protocol of the GPU figures in the README: `--warmup 10 --iterations 50 --runs 2`.
+
+`--profile DIR` then profiles `--profile-iterations` more iterations with the PyTorch profiler and writes a Chrome
+trace and the operator table (sorted by device time on CUDA, CPU time otherwise) to DIR; the record gains kernels
+(CUDA) or aten ops (CPU) per iteration and, on CUDA, the fraction of wall time during which a kernel was running.
 
 Model FLOPs per iteration (matmul FLOPs = 2 x multiply-accumulates; attention scores and attention x values
 included; norms, softmax and element-wise ops not counted):
     F = F_fwd(teacher backbone, 2B global crops) + F_fwd(teacher heads, 2B cls + masked-token buffer)
       + 3 x [F_fwd(student backbone, 2B global + n_local*B local crops) + F_fwd(student heads, all head tokens)]
-(backward = 2 x forward). Backbone forward per image with T tokens (patches + cls + registers), width D,
-depth L: 2 * n_patches * (3 * p^2) * D  +  L * (2 * T * M_block + 4 * T^2 * D), where M_block is the sum of
-in x out over the Linear layers of one block (qkv, proj, MLP or SwiGLU). Heads: 2 * tokens * sum of in x out
-over the head's Linear layers.
+(backward = 2 x forward; activation checkpointing's recomputation is not counted). Backbone forward per image with
+T tokens (patches + cls + registers), width D, depth L: 2 * n_patches * (3 * p^2) * D  +  L * (2 * T * M_block +
+4 * T^2 * D), where M_block is the sum of in x out over the Linear layers of one block (qkv, proj, MLP or SwiGLU).
+Heads: 2 * tokens * sum of in x out over the head's Linear layers.
 """
 
 import argparse
+import os
 import random
 import statistics
 import time
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
+from omegaconf import DictConfig
 from torch import nn
 
 import dinov2.distributed as distributed
 from dinov2.data import MaskingGenerator, collate_data_and_cast
 from dinov2.train.ssl_meta_arch import SSLMetaArch
-from dinov2.train.train import apply_optim_scheduler, build_optimizer, build_schedulers, clip_gradients, input_dtype
+from dinov2.train.train import apply_optim_scheduler, build_optimizer, build_schedulers, input_dtype, optimizer_step
 from dinov2.utils.config import apply_scaling_rules_to_cfg, get_cfg_from_args
 
 # Dense fp16/bf16 tensor-core peaks (TFLOP/s) for MFU when --peak-tflops is not given.
@@ -37,9 +45,12 @@ NUM_SYNTHETIC_BATCHES = 2
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config-file", default="dinov2/configs/train/bbu_sample.yaml", help="training config")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed iterations first")
-    parser.add_argument("--iterations", type=int, default=10, help="timed iterations")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed iterations first, in every run")
+    parser.add_argument("--iterations", type=int, default=10, help="timed iterations per run")
+    parser.add_argument("--runs", type=int, default=1, help="warm-up + timed runs on the same model")
     parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: known GPUs)")
+    parser.add_argument("--profile", default=None, metavar="DIR", help="write a profiler trace and table to DIR")
+    parser.add_argument("--profile-iterations", type=int, default=3, help="iterations under the profiler")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides key=value")
 
 
@@ -58,7 +69,7 @@ def backbone_forward_flops(backbone: nn.Module, img_size: int, n_images: int) ->
     return per_image * n_images
 
 
-def iteration_flops(model: SSLMetaArch, cfg, batch: Dict) -> int:
+def iteration_flops(model: SSLMetaArch, cfg: DictConfig, batch: Dict) -> int:
     """Model FLOPs of one training iteration (formula in the module docstring)."""
     b = cfg.train.batch_size_per_gpu
     n_local = cfg.crops.local_crops_number
@@ -79,7 +90,7 @@ def iteration_flops(model: SSLMetaArch, cfg, batch: Dict) -> int:
     return teacher_backbone + teacher_heads + 3 * (student_backbone + student_heads)
 
 
-def synthetic_batch(cfg, dtype: torch.dtype, generator: torch.Generator) -> Dict:
+def synthetic_batch(cfg: DictConfig, dtype: torch.dtype, generator: torch.Generator) -> Dict:
     """A batch from `collate_data_and_cast` on random crops of the configured sizes (real iBOT masks)."""
     g, loc = cfg.crops.global_crops_size, cfg.crops.local_crops_size
     grid = g // cfg.student.patch_size
@@ -100,6 +111,47 @@ def synthetic_batch(cfg, dtype: torch.dtype, generator: torch.Generator) -> Dict
     )
 
 
+def synthetic_batches(cfg: DictConfig, dtype: torch.dtype, count: int = NUM_SYNTHETIC_BATCHES) -> List[Dict]:
+    """`count` batches from the seed `train.seed` (the same crops and masks for any dtype), pinned on CUDA hosts."""
+    random.seed(int(cfg.train.seed))  # the iBOT mask draws
+    generator = torch.Generator().manual_seed(int(cfg.train.seed))
+    batches = [synthetic_batch(cfg, dtype, generator) for _ in range(count)]
+    if torch.cuda.is_available():
+        batches = [{k: (v.pin_memory() if torch.is_tensor(v) else v) for k, v in b.items()} for b in batches]
+    return batches
+
+
+def load_cfg(config_file: str, opts: List[str]) -> DictConfig:
+    cfg = get_cfg_from_args(argparse.Namespace(config_file=config_file, opts=opts, output_dir=""))
+    apply_scaling_rules_to_cfg(cfg)
+    return cfg
+
+
+def build_training(cfg: DictConfig) -> Tuple[SSLMetaArch, Callable[[int], Dict[str, torch.Tensor]], List[Dict]]:
+    """Model (FSDP-wrapped, on CUDA if available) seeded by `train.seed`, and `step(it)`: one full training iteration
+    of do_train's maths on synthetic batch `it % NUM_SYNTHETIC_BATCHES`, returning the loss dict (on the device)."""
+    distributed.enable(overwrite=True)
+    torch.manual_seed(int(cfg.train.seed))
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    model = SSLMetaArch(cfg).to(device)
+    model.prepare_for_distributed_training()
+    model.train()
+    optimizer = build_optimizer(cfg, model.get_params_groups())
+    schedules = build_schedulers(cfg)
+    batches = synthetic_batches(cfg, input_dtype(cfg))
+
+    def step(it: int) -> Dict[str, torch.Tensor]:
+        lr, wd, mom, teacher_temp, last_layer_lr = (float(s[it]) for s in schedules)
+        apply_optim_scheduler(optimizer, lr, wd, last_layer_lr)
+        optimizer.zero_grad(set_to_none=True)
+        loss_dict = model.forward_backward(batches[it % len(batches)], teacher_temp=teacher_temp)
+        optimizer_step(model, optimizer, cfg.optim.clip_grad)
+        model.update_teacher(mom)
+        return loss_dict
+
+    return model, step, batches
+
+
 def _peak_tflops(args: argparse.Namespace, device: torch.device) -> Optional[float]:
     if args.peak_tflops is not None:
         return args.peak_tflops
@@ -109,76 +161,108 @@ def _peak_tflops(args: argparse.Namespace, device: torch.device) -> Optional[flo
     return next((v for k, v in KNOWN_PEAK_TFLOPS.items() if k in name), None)
 
 
-def run(args: argparse.Namespace) -> List[Dict]:
-    cfg = get_cfg_from_args(argparse.Namespace(config_file=args.config_file, opts=args.opts, output_dir=""))
-    distributed.enable(overwrite=True)
-    apply_scaling_rules_to_cfg(cfg)
-    torch.manual_seed(int(cfg.train.seed))
-    random.seed(int(cfg.train.seed))
-    use_cuda = torch.cuda.is_available()
-    device = torch.device("cuda") if use_cuda else torch.device("cpu")
-    dtype = input_dtype(cfg)
+def _busy_fraction(intervals: List[Tuple[float, float]], wall_us: float) -> float:
+    """Length of the union of [start, end) intervals over `wall_us`."""
+    busy, current_end = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        if end <= current_end:
+            continue
+        busy += end - max(start, current_end)
+        current_end = end
+    return busy / wall_us if wall_us > 0 else 0.0
 
-    model = SSLMetaArch(cfg).to(device)
-    model.prepare_for_distributed_training()
-    model.train()
-    optimizer = build_optimizer(cfg, model.get_params_groups())
-    schedules = build_schedulers(cfg)
-    generator = torch.Generator().manual_seed(int(cfg.train.seed))
-    batches = [synthetic_batch(cfg, dtype, generator) for _ in range(NUM_SYNTHETIC_BATCHES)]
-    batches = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in b.items()} for b in batches]
-    scaler = model.fp16_scaler
 
-    def step(it: int) -> float:
-        lr, wd, mom, teacher_temp, last_layer_lr = (float(s[it]) for s in schedules)
-        apply_optim_scheduler(optimizer, lr, wd, last_layer_lr)
-        optimizer.zero_grad(set_to_none=True)
-        loss_dict = model.forward_backward(batches[it % len(batches)], teacher_temp=teacher_temp)
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-        if cfg.optim.clip_grad:
-            clip_gradients(model, cfg.optim.clip_grad)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        model.update_teacher(mom)
-        return loss_dict["total_loss"].item()
+def profile_iterations(step: Callable[[int], float], first_it: int, iterations: int, out_dir: str, tag: str) -> Dict:
+    """Profile `iterations` calls of `step`; write `<tag>.trace.json` and `<tag>.ops.txt` to `out_dir`."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
 
-    for it in range(args.warmup):
-        step(it)
-    if use_cuda:
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for it in range(args.warmup, args.warmup + args.iterations):
+    cuda = torch.cuda.is_available()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    os.makedirs(out_dir, exist_ok=True)
+    with profile(activities=activities) as prof:
         start = time.perf_counter()
-        step(it)
-        times.append(time.perf_counter() - start)
+        for it in range(first_it, first_it + iterations):
+            step(it)
+        wall_us = (time.perf_counter() - start) * 1e6
+    trace = os.path.join(out_dir, f"{tag}.trace.json")
+    table = os.path.join(out_dir, f"{tag}.ops.txt")
+    prof.export_chrome_trace(trace)
+    sort_by = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    with open(table, "w") as f:
+        f.write(prof.key_averages().table(sort_by=sort_by, row_limit=40) + "\n")
+    events = prof.events()
+    result: Dict[str, object] = {"trace": trace, "table": table, "iterations": iterations}
+    if cuda:
+        kernels = [e for e in events if e.device_type == DeviceType.CUDA]
+        result["kernels_per_iter"] = round(len(kernels) / iterations, 1)
+        intervals = [(e.time_range.start, e.time_range.end) for e in kernels]
+        result["gpu_busy_fraction"] = round(_busy_fraction(intervals, wall_us), 3)
+    else:
+        aten = [e for e in events if e.device_type == DeviceType.CPU and e.name.startswith("aten::")]
+        result["aten_ops_per_iter"] = round(len(aten) / iterations, 1)
+    return result
+
+
+def run(args: argparse.Namespace) -> List[Dict]:
+    cfg = load_cfg(args.config_file, args.opts)
+    random.seed(int(cfg.train.seed))
+    model, step, batches = build_training(cfg)
+    device = model.device
+    use_cuda = device.type == "cuda"
+
+    def timed_step(it: int) -> float:
+        return step(it)["total_loss"].item()
+
+    it = 0
+    run_means, times = [], []
+    for _ in range(args.runs):
+        for _ in range(args.warmup):
+            timed_step(it)
+            it += 1
+        if use_cuda:
+            torch.cuda.reset_peak_memory_stats()
+        run_times = []
+        for _ in range(args.iterations):
+            start = time.perf_counter()
+            timed_step(it)
+            run_times.append(time.perf_counter() - start)
+            it += 1
+        run_means.append(statistics.mean(run_times))
+        times += run_times
 
     b = cfg.train.batch_size_per_gpu
     mean_t, median_t = statistics.mean(times), statistics.median(times)
     flops = iteration_flops(model, cfg, batches[0])
-    tflops = flops / median_t / 1e12
+    tflops = flops / mean_t / 1e12
     peak = _peak_tflops(args, device)
-    return [
-        {
-            "benchmark": "train",
-            "config": args.config_file,
-            "overrides": list(args.opts),
-            "device": torch.cuda.get_device_name(device) if use_cuda else f"cpu ({torch.get_num_threads()} threads)",
-            "arch": cfg.student.arch,
-            "batch_size": b,
-            "crops": f"2x{cfg.crops.global_crops_size} + {cfg.crops.local_crops_number}x{cfg.crops.local_crops_size}",
-            "dtype": str(dtype).replace("torch.", ""),
-            "iterations": args.iterations,
-            "iter_time_mean_s": round(mean_t, 4),
-            "iter_time_median_s": round(median_t, 4),
-            "images_per_s_mean": round(b / mean_t, 2),
-            "images_per_s_median": round(b / median_t, 2),
-            "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if use_cuda else None,
-            "model_gflop_per_iter": round(flops / 1e9, 2),
-            "model_tflops": round(tflops, 4),
-            "mfu": round(tflops / peak, 4) if peak else None,
-        }
-    ]
+    record = {
+        "benchmark": "train",
+        "config": args.config_file,
+        "overrides": list(args.opts),
+        "device": torch.cuda.get_device_name(device) if use_cuda else f"cpu ({torch.get_num_threads()} threads)",
+        "torch": torch.__version__,
+        "arch": cfg.student.arch,
+        "batch_size": b,
+        "crops": f"2x{cfg.crops.global_crops_size} + {cfg.crops.local_crops_number}x{cfg.crops.local_crops_size}",
+        "dtype": str(input_dtype(cfg)).replace("torch.", ""),
+        "grad_scaler": model.fp16_scaler is not None,
+        "compile": bool(cfg.train.compile),
+        "activation_checkpointing": bool(cfg.train.activation_checkpointing),
+        "warmup": args.warmup,
+        "iterations": args.iterations,
+        "runs": args.runs,
+        "images_per_s_runs": [round(b / t, 2) for t in run_means],
+        "iter_time_mean_s": round(mean_t, 4),
+        "iter_time_median_s": round(median_t, 4),
+        "images_per_s_mean": round(b / mean_t, 2),
+        "images_per_s_median": round(b / median_t, 2),
+        "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if use_cuda else None,
+        "model_gflop_per_iter": round(flops / 1e9, 2),
+        "model_tflops": round(tflops, 4),
+        "mfu": round(tflops / peak, 4) if peak else None,
+    }
+    if args.profile:
+        tag = f"train_{cfg.student.arch}_{record['dtype']}"
+        record["profile"] = profile_iterations(timed_step, it, args.profile_iterations, args.profile, tag)
+    return [record]

@@ -129,3 +129,37 @@ def test_layerscale():
     y = x.clone()
     LayerScale(4, init_values=2.0, inplace=True)(y)
     torch.testing.assert_close(y, x * 2.0)
+
+
+def _saved_tensor_count(fn) -> int:
+    """Tensors autograd keeps for backward while `fn` runs (outer saved-tensor hooks see only what is kept)."""
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return len(saved)
+
+
+def test_activation_checkpointing_keeps_gradients_and_drops_saved_activations():
+    """Same outputs and gradients with stochastic depth on (the recompute redraws the same subsets), and only the
+    block inputs kept for backward."""
+    xs = [torch.randn(8, 17, 32), torch.randn(16, 5, 32)]
+    results = {}
+    for checkpointing in (False, True):
+        block = make_block(drop_path=0.4).train()
+        block.activation_checkpointing = checkpointing
+        inputs = [x.clone().requires_grad_() for x in xs]
+        torch.manual_seed(3)
+        outputs = []
+        n_saved = _saved_tensor_count(lambda: outputs.extend(block(inputs)))
+        sum((o * o).sum() for o in outputs).backward()
+        grads = [p.grad.clone() for p in block.parameters()] + [x.grad.clone() for x in inputs]
+        results[checkpointing] = (outputs, grads, n_saved)
+    plain, checkpointed = results[False], results[True]
+    for a, b in zip(plain[0] + plain[1], checkpointed[0] + checkpointed[1]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert (checkpointed[2], plain[2] > 20) == (0, True), (checkpointed[2], plain[2])

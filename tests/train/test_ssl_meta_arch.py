@@ -1,4 +1,5 @@
 import logging
+import re
 
 import pytest
 import torch
@@ -179,3 +180,47 @@ def test_pretrained_weights_wrong_arch_is_an_error(tmp_path):
     with pytest.raises(PretrainedWeightsError, match=f"Weights in {path} do not match") as excinfo:
         SSLMetaArch(tiny_cfg(student__pretrained_weights=str(path)))
     assert "blocks.0.attn.qkv.weight" in excinfo.value.shape_mismatches
+
+
+def test_compiled_checkpointed_blocks_give_the_plain_losses_gradients_and_keys():
+    """`train.compile` (aot_eager backend: dynamo + AOTAutograd, no C++ compiler needed) with
+    `train.activation_checkpointing`: same losses and student gradients as the plain model, same parameter names."""
+    results = []
+    for fast in (False, True):
+        torch.manual_seed(0)
+        cfg = tiny_cfg(student__drop_path_rate=0.3, train__compile=fast, train__compile_backend="aot_eager",
+                       train__activation_checkpointing=fast)
+        model = SSLMetaArch(cfg).train()
+        assert [b.activation_checkpointing for b in model.student.backbone.blocks] == [fast] * 12
+        assert not any(b.activation_checkpointing for b in model.teacher.backbone.blocks)
+        for backbone in (model.student.backbone, model.teacher.backbone):
+            assert [b._compiled_call_impl is not None for b in backbone.blocks] == [fast] * 12
+        losses = []
+        for seed in (1, 2):
+            model.zero_grad(set_to_none=True)
+            torch.manual_seed(seed)
+            losses.append(model.forward_backward(random_batch(cfg, seed=seed), teacher_temp=0.05))
+        grads = {n: p.grad for n, p in model.student.named_parameters() if p.grad is not None}
+        results.append((losses, grads, list(model.state_dict())))
+    (plain_losses, plain_grads, plain_keys), (fast_losses, fast_grads, fast_keys) = results
+    assert fast_keys == plain_keys and not any("_orig_mod" in k for k in fast_keys)
+    for plain, fast in zip(plain_losses, fast_losses):
+        for key in plain:
+            torch.testing.assert_close(fast[key], plain[key], rtol=1e-5, atol=1e-6, msg=key)
+    assert sorted(fast_grads) == sorted(plain_grads)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(fast_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(train__compile_backend="turbo"), "train.compile_backend 'turbo' is not a torch.compile backend"),
+        (dict(train__compile_mode="fastest"), "train.compile_mode 'fastest' is not a mode of backend 'inductor'"),
+        (dict(train__compile_backend="aot_eager", train__compile_mode="max-autotune"),
+         "train.compile_mode 'max-autotune' is not a mode of backend 'aot_eager'"),
+    ],
+)
+def test_bad_compile_settings_name_the_key(overrides, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        SSLMetaArch(tiny_cfg(train__compile=True, **overrides))

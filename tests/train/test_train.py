@@ -73,6 +73,23 @@ def test_resumed_run_reproduces_uninterrupted_losses(tmp_path, sample_root, monk
     ]
 
 
+def test_compile_and_activation_checkpointing_keep_the_training_losses(tmp_path, sample_root):
+    """4 iterations through the FSDP training loop: compiled (aot_eager) and checkpointed blocks give the losses of
+    the plain run, and the same checkpoint keys."""
+    losses, keys = [], []
+    for fast in (False, True):
+        out = str(tmp_path / f"fast_{fast}")
+        opts = tiny_opts(sample_root, optim__epochs=1, student__drop_path_rate=0.3, train__compile=fast,
+                         train__compile_backend="aot_eager", train__activation_checkpointing=fast)
+        run_training(out, opts)
+        losses.append(_losses_by_iteration(out))
+        keys.append(list(torch.load(os.path.join(out, "model_final.rank_0.pth"), weights_only=True)["model"]))
+    assert sorted(losses[0]) == sorted(losses[1]) == [0, 1, 2, 3]
+    for iteration, expected in losses[0].items():
+        torch.testing.assert_close(torch.tensor(losses[1][iteration]), torch.tensor(expected), rtol=1e-5, atol=1e-6)
+    assert keys[0] == keys[1]
+
+
 @pytest.mark.parametrize("as_directory", [False, True], ids=["file", "directory"])
 def test_model_weights_file_or_directory_resumes_another_run(tmp_path, sample_root, as_directory):
     """MODEL.WEIGHTS = a checkpoint file, or a directory (its last_checkpoint): a full resume in a new output dir."""

@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# The GPU performance suite of the README's "Performance" section, one stage per call (each well under 10 minutes
+# on one H100). Every run prints one JSON line; the lines are also appended to $RESULTS (default
+# outputs/gpu_benchmarks.jsonl), so stages can be run one after another and compared afterwards.
+#
+#   bash scripts/gpu_benchmarks.sh train-l16 | train-b14 | train-s14 | parity | extract | data | profile | all
+#
+# Training runs follow the protocol of the anchor (upstream DINOv2 on the same GPU): `vitl16_short.yaml` (batch
+# 64, 2 x 224 + 8 local crops of 96 px for patch 16 / 98 px for patch 14, 65536 prototypes, shared head, drop path
+# 0.3, block_chunks 4), synthetic pre-collated pinned batches, 10 warm-up + 50 timed iterations, 2 runs.
+# Each architecture is measured with fp16 + grad scaler (the anchor's precision) and bf16 without a scaler, each
+# plain and with `train.compile=true`. EXTRA="key=value ..." is appended to every training run. MFU is taken against
+# PEAK_TFLOPS (default 790: the dense fp16/bf16 matrix rate the anchor's MFU figures use for the H100).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+STAGE=${1:-all}
+PYTHON=${PYTHON:-python}
+RESULTS=${RESULTS:-outputs/gpu_benchmarks.jsonl}
+PROFILE_DIR=${PROFILE_DIR:-outputs/profiles}
+EXTRA=${EXTRA:-}
+PEAK_TFLOPS=${PEAK_TFLOPS:-790}
+mkdir -p "$(dirname "$RESULTS")"
+export PYTHONUNBUFFERED=1
+
+BF16="compute_precision.grad_scaler=false"
+for side in student teacher; do
+  for module in backbone dino_head ibot_head; do
+    for key in param_dtype reduce_dtype; do
+      BF16="$BF16 compute_precision.$side.$module.mixed_precision.$key=bf16"
+    done
+  done
+done
+ARCH_L16="student.arch=vit_large student.patch_size=16 crops.local_crops_size=96"
+ARCH_B14="student.arch=vit_base student.patch_size=14 crops.local_crops_size=98"
+ARCH_S14="student.arch=vit_small student.patch_size=14 crops.local_crops_size=98"
+TRAIN=(scripts/benchmark.py train --config-file dinov2/configs/train/vitl16_short.yaml --warmup 10 --iterations 50
+       --runs 2 --peak-tflops "$PEAK_TFLOPS")
+
+bench() {
+  "$PYTHON" "$@" | tee -a "$RESULTS"
+}
+
+train_arch() {  # $1: the arch overrides
+  local precision compile
+  for precision in "" "$BF16"; do
+    for compile in false true; do
+      # shellcheck disable=SC2086  # the override lists are word lists on purpose
+      bench "${TRAIN[@]}" $1 $precision train.compile=$compile $EXTRA
+    done
+  done
+}
+
+case "$STAGE" in
+  train-l16) train_arch "$ARCH_L16" ;;
+  train-b14) train_arch "$ARCH_B14" ;;
+  train-s14) train_arch "$ARCH_S14" ;;
+  parity)  # 20 iterations against fp32 without compile, from the same seed (exit code 1 beyond tolerance)
+    # shellcheck disable=SC2086
+    bench scripts/benchmark.py parity --config-file dinov2/configs/train/vitl16_short.yaml --iterations 20 \
+      $ARCH_B14 train.compile=true $EXTRA
+    # shellcheck disable=SC2086
+    bench scripts/benchmark.py parity --config-file dinov2/configs/train/vitl16_short.yaml --iterations 20 \
+      $ARCH_B14 $BF16 train.compile=true $EXTRA
+    ;;
+  extract)
+    for compile in "" "--compile"; do
+      bench scripts/benchmark.py extract --arch vit_large --patch-size 14 --img-size 224 --dtype bf16 \
+        --batch-size 256 --warmup 5 --iters 20 $compile
+    done
+    ;;
+  data)
+    bench scripts/benchmark.py data --num-workers 16 --batch-size 64 --num-samples 1024 --repeats 2 \
+      --path both --image-size 640x480 1920x1440 4000x3000
+    ;;
+  profile)  # traces and operator tables of each architecture (fp16, plain and compiled) into $PROFILE_DIR
+    for arch in "$ARCH_L16" "$ARCH_B14" "$ARCH_S14"; do
+      for compile in false true; do
+        # shellcheck disable=SC2086
+        bench "${TRAIN[@]}" --runs 1 --iterations 10 --profile "$PROFILE_DIR/compile_$compile" $arch \
+          train.compile=$compile $EXTRA
+      done
+    done
+    ;;
+  all)
+    for stage in train-l16 train-b14 train-s14 parity extract data; do bash "$0" "$stage"; done
+    ;;
+  *)
+    echo "unknown stage '$STAGE': train-l16 | train-b14 | train-s14 | parity | extract | data | profile | all" >&2
+    exit 2
+    ;;
+esac

@@ -1,0 +1,104 @@
+"""scripts/benchmarks/train.py and parity.py: FLOP formula, records, profiler output and the loss-parity check."""
+
+import argparse
+import importlib
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+from train_helpers import SAMPLE_CONFIG
+
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
+TINY_BENCH = [
+    "train.batch_size_per_gpu=4", "train.OFFICIAL_EPOCH_LENGTH=10", "crops.global_crops_size=64",
+    "crops.local_crops_size=32", "crops.local_crops_number=2", "dino.head_n_prototypes=64",
+    "dino.head_hidden_dim=32", "dino.head_bottleneck_dim=16",
+]  # fmt: skip
+
+
+@pytest.fixture
+def benchmarks(monkeypatch):
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    return importlib.import_module("benchmarks.train"), importlib.import_module("benchmarks.parity")
+
+
+def _args(module, argv):
+    parser = argparse.ArgumentParser()
+    module.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_iteration_flops_match_pytorch_flop_counter(benchmarks):
+    """The documented formula against FlopCounterMode over one forward_backward (math attention, so that the
+    attention products are counted; no stochastic depth). The counter has no input gradient for the patch-embedding
+    convolution (the images need none), which the formula counts, and counts the small KoLeo/loss products,
+    which the formula leaves out."""
+    train_bench, _ = benchmarks
+    cfg = train_bench.load_cfg(SAMPLE_CONFIG, TINY_BENCH + ["student.drop_path_rate=0.0"])
+    model, _, batches = train_bench.build_training(cfg)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model.forward_backward(batches[0], teacher_temp=0.05)
+    backbone = model.student.backbone
+    patch, dim, b = backbone.patch_size, backbone.embed_dim, cfg.train.batch_size_per_gpu
+    images = {64: 2 * b, 32: 2 * b}  # student crops per size: 2 global, 2 local per image
+    patch_embed_input_grad = sum(2 * (s // patch) ** 2 * 3 * patch * patch * dim * n for s, n in images.items())
+    expected = train_bench.iteration_flops(model, cfg, batches[0])
+    counted = counter.get_total_flops() + patch_embed_input_grad
+    assert abs(counted - expected) / expected < 1e-4, (counted, expected)
+
+
+def test_train_benchmark_record_with_runs_and_profile(benchmarks, tmp_path):
+    train_bench, _ = benchmarks
+    args = _args(train_bench, ["--config-file", SAMPLE_CONFIG, "--warmup", "1", "--iterations", "2", "--runs", "2",
+                               "--profile", str(tmp_path), "--profile-iterations", "1", *TINY_BENCH])
+    (record,) = train_bench.run(args)
+    assert record["benchmark"] == "train" and record["arch"] == "vit_tiny" and record["batch_size"] == 4
+    assert record["crops"] == "2x64 + 2x32" and record["dtype"] == "float32" and record["runs"] == 2
+    assert len(record["images_per_s_runs"]) == 2 and all(v > 0 for v in record["images_per_s_runs"])
+    mean_from_runs = 4 / (sum(4 / v for v in record["images_per_s_runs"]) / 2)
+    assert math.isclose(record["images_per_s_mean"], mean_from_runs, rel_tol=0.02)
+    assert record["model_tflops"] == pytest.approx(record["model_gflop_per_iter"] / 1e3 / record["iter_time_mean_s"],
+                                                   rel=0.01)
+    profile = record["profile"]
+    assert profile["iterations"] == 1 and profile["aten_ops_per_iter"] > 100
+    with open(profile["trace"]) as f:
+        assert any(e.get("name") == "aten::mm" for e in json.load(f)["traceEvents"])
+    assert "aten::mm" in open(profile["table"]).read()
+
+
+def test_busy_fraction_is_the_union_of_intervals(benchmarks):
+    train_bench, _ = benchmarks
+    assert train_bench._busy_fraction([(0, 10), (5, 15), (20, 30), (22, 25)], 40) == 0.625
+
+
+def test_parity_of_compiled_checkpointed_training_with_the_reference(benchmarks):
+    """On the CPU both runs are fp32, so compiled (aot_eager) and checkpointed blocks must match exactly."""
+    _, parity = benchmarks
+    args = _args(parity, ["--config-file", SAMPLE_CONFIG, "--iterations", "2", "--rtol", "0", "--atol", "1e-6",
+                          *TINY_BENCH, "student.drop_path_rate=0.3", "train.compile=true",
+                          "train.compile_backend=aot_eager", "train.activation_checkpointing=true"])
+    (record,) = parity.run(args)
+    assert record["within_tolerance"] is True and record["keys"][0] == "total_loss"
+    assert len(record["reference"]) == len(record["fast"]) == 2
+    assert all(math.isfinite(v) and v != 0 for row in record["reference"] for v in row[:2])
+    assert max(record["max_abs_diff"].values()) <= 1e-6
+    assert record["reference"][0] != record["reference"][1]  # the second iteration saw updated weights
+
+
+def test_parity_failure_is_reported_and_sets_the_exit_code(benchmarks, monkeypatch, capsys):
+    _, parity = benchmarks
+    curves = {True: [[1.0, 0.5, 0.2, 0.1, 0.2]] * 2, False: [[1.0, 0.5, 0.2, 0.1, 0.2], [1.2, 0.5, 0.2, 0.1, 0.4]]}
+    monkeypatch.setattr(parity, "loss_curve", lambda cfg, iterations, reference: curves[reference])
+    benchmark = importlib.import_module("benchmark")
+    assert benchmark.main(["parity", "--config-file", SAMPLE_CONFIG, "--iterations", "2", "--rtol", "0.1",
+                           "--atol", "0"]) == 1
+    record = json.loads(capsys.readouterr().out)
+    assert record["within_tolerance"] is False
+    assert record["max_abs_diff"] == pytest.approx({"total_loss": 0.2, "dino_local_crops_loss": 0.0,
+                                                     "dino_global_crops_loss": 0.0, "koleo_loss": 0.0,
+                                                     "ibot_loss": 0.2})
+    assert benchmark.main(["parity", "--config-file", SAMPLE_CONFIG, "--iterations", "2", "--rtol", "1.0"]) == 0
