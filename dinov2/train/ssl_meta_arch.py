@@ -4,9 +4,10 @@ The student sees 2 global + `crops.local_crops_number` local crops in ONE backbo
 call; the teacher (an EMA of the student, no gradient, no drop path) sees the 2 global crops. Crop pairing as
 upstream: the teacher's two global outputs are swapped, so student global crop 1 is matched with teacher crop 2.
 
-Precision: on CUDA the FSDP wrappers follow `compute_precision` (fp16 params with a ShardedGradScaler when
-`compute_precision.grad_scaler`, or bf16 configs with `grad_scaler: false`). On CPU every module runs in fp32 and
-no grad scaler is created whatever the config says, because fp16/bf16 matmuls on CPU are slow and fp16 is unstable.
+Precision (`mixed_precision_enabled`): on CUDA the FSDP wrappers follow `compute_precision` (fp16 params with a
+ShardedGradScaler when `compute_precision.grad_scaler`, or bf16 configs with `grad_scaler: false`). On CPU every
+module runs in fp32 and no grad scaler is created whatever the config says, because fp16/bf16 matmuls on CPU are slow
+and fp16 is unstable.
 """
 
 import logging
@@ -28,6 +29,12 @@ logger = logging.getLogger("dinov2")
 
 N_GLOBAL_CROPS = 2
 LOSS_KEYS = ("dino_local_crops_loss", "dino_global_crops_loss", "koleo_loss", "ibot_loss")
+
+
+def mixed_precision_enabled() -> bool:
+    """Whether `compute_precision` (fp16/bf16 FSDP dtypes, grad scaler) applies: on CUDA only, because fp16/bf16
+    matrix products on the CPU are slow. The tests switch it on to run the mixed-precision path on the CPU."""
+    return torch.cuda.is_available()
 
 
 def fp32_precision(precision_cfg: DictConfig) -> DictConfig:
@@ -65,8 +72,10 @@ class SSLMetaArch(nn.Module):
     def __init__(self, cfg: DictConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.use_cuda = torch.cuda.is_available()
-        self.fp16_scaler = ShardedGradScaler() if (self.use_cuda and cfg.compute_precision.grad_scaler) else None
+        self.mixed_precision = mixed_precision_enabled()
+        self.fp16_scaler = None
+        if self.mixed_precision and cfg.compute_precision.grad_scaler:
+            self.fp16_scaler = ShardedGradScaler(device="cuda" if torch.cuda.is_available() else "cpu")
 
         student_backbone, teacher_backbone, embed_dim = build_model_from_cfg(cfg)
         student_backbone.set_activation_checkpointing(cfg.train.activation_checkpointing)
@@ -320,7 +329,7 @@ class SSLMetaArch(nn.Module):
             raise TypeError("BatchNorm layers are not supported by the FSDP training path (use LayerNorm)")
         self._copy_student_to_teacher()
         precision = self.cfg.compute_precision
-        if not self.use_cuda:
+        if not self.mixed_precision:
             precision = fp32_precision(precision)
         wrap_units = {BlockChunk} if self.cfg.student.block_chunks > 0 else set()
         for k in list(self.student.keys()):

@@ -30,6 +30,7 @@ from dinov2.data.augmentations import make_augmentation_from_cfg
 from dinov2.fsdp import FSDPCheckpointer, PeriodicCheckpointer, is_fsdp
 from dinov2.fsdp.checkpointer import get_rng_state, set_rng_state
 from dinov2.logging import MetricLogger, SmoothedValue
+from dinov2.train import ssl_meta_arch
 from dinov2.train.ssl_meta_arch import LOSS_KEYS, SSLMetaArch
 from dinov2.utils.config import setup
 from dinov2.utils.dtype import as_torch_dtype
@@ -278,8 +279,8 @@ def _needs_sync(iteration: int, max_iter: int, periods: Sequence[int]) -> bool:
 
 
 def input_dtype(cfg: DictConfig) -> torch.dtype:
-    """dtype of the collated crops: the student backbone's FSDP param dtype on CUDA, float32 on CPU."""
-    if not torch.cuda.is_available():
+    """dtype of the collated crops: the student backbone's FSDP param dtype with mixed precision (CUDA), else fp32."""
+    if not ssl_meta_arch.mixed_precision_enabled():
         return torch.float32
     return as_torch_dtype(cfg.compute_precision.student.backbone.mixed_precision.param_dtype)
 

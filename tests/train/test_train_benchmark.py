@@ -102,3 +102,45 @@ def test_parity_failure_is_reported_and_sets_the_exit_code(benchmarks, monkeypat
                                                      "dino_global_crops_loss": 0.0, "koleo_loss": 0.0,
                                                      "ibot_loss": 0.2})
     assert benchmark.main(["parity", "--config-file", SAMPLE_CONFIG, "--iterations", "2", "--rtol", "1.0"]) == 0
+
+
+def _precision(dtype: str, grad_scaler: bool) -> list:
+    """Overrides setting every FSDP param/reduce dtype (bbu_sample.yaml is fp32) and the grad scaler."""
+    return [f"compute_precision.grad_scaler={str(grad_scaler).lower()}"] + [
+        f"compute_precision.{side}.{module}.mixed_precision.{key}={dtype}"
+        for side in ("student", "teacher") for module in ("backbone", "dino_head", "ibot_head")
+        for key in ("param_dtype", "reduce_dtype")
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_mixed_precision_fsdp_path_on_cpu(benchmarks, monkeypatch, precision):
+    """The CUDA precision plumbing, run on the CPU (which normally forces fp32): crops in the param dtype, FSDP
+    fp16 + ShardedGradScaler (the default config) or bf16 without a scaler. The losses stay within mixed-precision
+    distance of the fp32 reference and differ from it, which shows that the low-precision path really ran."""
+    import dinov2.train.ssl_meta_arch as ssl_meta_arch
+
+    train_bench, parity = benchmarks
+    monkeypatch.setattr(ssl_meta_arch, "mixed_precision_enabled", lambda: True)
+    overrides = TINY_BENCH + _precision(precision, grad_scaler=precision == "fp16")
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    cfg = train_bench.load_cfg(SAMPLE_CONFIG, overrides)
+    model, step, batches = train_bench.build_training(cfg)
+    assert batches[0]["collated_global_crops"].dtype == dtype
+    assert model.student.backbone.mixed_precision.param_dtype == dtype
+    assert (model.fp16_scaler is not None) == (precision == "fp16")
+    step(0)
+    if precision == "fp16":
+        assert model.fp16_scaler.get_scale() in (65536.0, 32768.0)  # stepped (or backed off once)
+
+    # a long warm-up as in real configs: the first fp16 steps are skipped by the scaler while its scale settles
+    slow_warmup = ["train.OFFICIAL_EPOCH_LENGTH=1000"]
+    args = _args(parity, ["--config-file", SAMPLE_CONFIG, "--iterations", "3", *overrides, *slow_warmup])
+    (record,) = parity.run(args)
+    for reference, fast in zip(record["reference"], record["fast"]):
+        assert all(math.isfinite(v) for v in fast)
+        assert fast[0] == pytest.approx(reference[0], rel=0.03)  # total loss
+        # DINO and iBOT terms; KoLeo (-log of nearest-neighbour distances between the almost equal class tokens of
+        # an untrained model) is the precision-sensitive term
+        assert [fast[i] for i in (1, 2, 4)] == pytest.approx([reference[i] for i in (1, 2, 4)], rel=0.01)
+    assert record["max_abs_diff"]["total_loss"] > 1e-4
