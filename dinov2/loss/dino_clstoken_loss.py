@@ -65,7 +65,10 @@ class TeacherCentering(nn.Module):
 class DINOLoss(TeacherCentering):
     """`loss = -sum_{student s, teacher t} mean_b sum_k t * log_softmax(s / student_temp)`.
 
-    The centre is an EMA of the batch mean of teacher logits over all ranks, updated lazily (see `TeacherCentering`).
+    Computed as `-sum_s mean_b sum_k (sum_t t) * log_softmax(s)`: one product per student tensor instead of one per
+    (student, teacher) pair. A student tensor may carry leading crop dimensions, (S, B, K): its S crops count as S
+    students (one log-softmax and one product for all local crops). The centre is an EMA of the batch mean of teacher
+    logits over all ranks, updated lazily (see `TeacherCentering`).
     """
 
     def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9) -> None:
@@ -86,12 +89,12 @@ class DINOLoss(TeacherCentering):
     def forward(
         self, student_output_list: List[torch.Tensor], teacher_out_softmaxed_centered_list: List[torch.Tensor]
     ) -> torch.Tensor:
+        teachers = list(teacher_out_softmaxed_centered_list)
+        teacher_sum = teachers[0] if len(teachers) == 1 else torch.stack(teachers).sum(dim=0)
         total_loss = 0
         for s in student_output_list:
             lsm = F.log_softmax(s / self.student_temp, dim=-1)
-            for t in teacher_out_softmaxed_centered_list:
-                loss = torch.sum(t * lsm, dim=-1)
-                total_loss -= loss.mean()
+            total_loss = total_loss - torch.sum(teacher_sum * lsm, dim=-1).mean(dim=-1).sum()
         return total_loss
 
 

@@ -260,7 +260,8 @@ class SSLMetaArch(nn.Module):
         loss_accumulator = zero
         if self.do_dino:
             if n_local_crops > 0:
-                local_loss = self.dino_loss(list(local_cls_after_head.chunk(n_local_crops)), list(targets["dino"]))
+                local_students = local_cls_after_head.unflatten(0, (n_local_crops, -1))  # (n_local, B, K)
+                local_loss = self.dino_loss([local_students], list(targets["dino"]))
                 loss_dict["dino_local_crops_loss"] = local_loss / n_terms
                 loss_accumulator = loss_accumulator + self.dino_loss_weight * loss_dict["dino_local_crops_loss"]
             # one term over the 2B global outputs, x2 = sum of the two (student crop i, teacher crop 1-i) means

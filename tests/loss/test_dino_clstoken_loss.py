@@ -25,6 +25,10 @@ def test_forward_is_cross_entropy_over_all_pairs():
     teachers = [torch.softmax(torch.randn(4, 6, generator=g), dim=-1) for _ in range(2)]
     loss = DINOLoss(6, student_temp=0.1)(students, teachers)
     assert math.isclose(loss.item(), _ce_reference(students, teachers, 0.1), rel_tol=1e-5)
+    stacked = DINOLoss(6, student_temp=0.1)([torch.stack(students[:2]), students[2]], teachers)  # (S, B, K) form
+    assert math.isclose(stacked.item(), _ce_reference(students, teachers, 0.1), rel_tol=1e-5)
+    single = DINOLoss(6, student_temp=0.1)(students, teachers[:1])
+    assert math.isclose(single.item(), _ce_reference(students, teachers[:1], 0.1), rel_tol=1e-5)
 
 
 def test_center_is_ema_of_batch_means_applied_lazily():
