@@ -6,15 +6,25 @@ from pathlib import Path
 
 import pytest
 
+TINY = ["--arch", "vit_tiny", "--patch-size", "16", "--img-size", "32", "--batch-size", "2", "--iters", "1",
+        "--device", "cpu"]  # fmt: skip
 
-def test_extract_benchmark_record(monkeypatch):
+
+@pytest.fixture
+def extract(monkeypatch):
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "scripts"))
-    extract = importlib.import_module("benchmarks.extract")
+    return importlib.import_module("benchmarks.extract")
+
+
+def _parser(extract) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser()
     extract.add_arguments(parser)
-    args = parser.parse_args(["--arch", "vit_tiny", "--patch-size", "16", "--img-size", "32", "--batch-size", "2",
-                              "--iters", "1", "--device", "cpu"])
-    (record,) = extract.run(args)
+    return parser
+
+
+def test_extract_benchmark_record(extract):
+    parser = _parser(extract)
+    (record,) = extract.run(parser.parse_args(TINY))
     assert record["benchmark"] == "extract" and record["arch"] == "vit_tiny" and record["n_blocks"] == 4
     assert record["images_per_s"] > 0 and record["ms_per_batch"] > 0 and record["peak_memory_mib"] is None
     assert record["compile"] is False
@@ -22,12 +32,16 @@ def test_extract_benchmark_record(monkeypatch):
         extract.run(parser.parse_args(["--dtype", "fp16", "--device", "cpu"]))
 
 
-def test_extract_benchmark_compiled_blocks(monkeypatch):
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "scripts"))
-    extract = importlib.import_module("benchmarks.extract")
-    parser = argparse.ArgumentParser()
-    extract.add_arguments(parser)
-    args = parser.parse_args(["--arch", "vit_tiny", "--patch-size", "16", "--img-size", "32", "--batch-size", "2",
-                              "--iters", "1", "--device", "cpu", "--compile", "--compile-backend", "aot_eager"])
-    (record,) = extract.run(args)
+def test_extract_benchmark_compiled_blocks(extract, monkeypatch):
+    compiled = []
+    original = extract.build_model_from_cfg
+
+    def build_and_record(*args, **kwargs):
+        backbone, embed_dim = original(*args, **kwargs)
+        compiled.append(backbone)
+        return backbone, embed_dim
+
+    monkeypatch.setattr(extract, "build_model_from_cfg", build_and_record)
+    (record,) = extract.run(_parser(extract).parse_args(TINY + ["--compile", "--compile-backend", "aot_eager"]))
     assert record["compile"] is True and record["images_per_s"] > 0
+    assert all(block._compiled_call_impl is not None for block in compiled[0].flat_blocks())
