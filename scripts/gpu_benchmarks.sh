@@ -3,7 +3,7 @@
 # on one H100). Every run prints one JSON line; the lines are also appended to $RESULTS (default
 # outputs/gpu_benchmarks.jsonl), so stages can be run one after another and compared afterwards.
 #
-#   bash scripts/gpu_benchmarks.sh train-l16 | train-b14 | train-s14 | parity | extract | data | profile | all
+#   bash scripts/gpu_benchmarks.sh train-l16 | train-b14 | train-s14 | parity | extract | data | e2e | profile | all
 #
 # Training runs follow the protocol of the anchor (upstream DINOv2 on the same GPU): `vitl16_short.yaml` (batch
 # 64, 2 x 224 + 8 local crops of 96 px for patch 16 / 98 px for patch 14, 65536 prototypes, shared head, drop path
@@ -69,9 +69,29 @@ case "$STAGE" in
         --batch-size 256 --warmup 5 --iters 20 $compile
     done
     ;;
-  data)
+  data)  # the CPU paths with 16 workers, and the GPU path (workers + decode/augment on the GPU) end to end
     bench scripts/benchmark.py data --num-workers 16 --batch-size 64 --num-samples 1024 --repeats 2 \
-      --path both --image-size 640x480 1920x1440 4000x3000
+      --path all --image-size 640x480 1920x1440 4000x3000
+    ;;
+  e2e)  # real JPEG loading: ViT-S/14 training on generated E2E_SIZE-px photos, CPU fast path vs crops.gpu_augmentation
+    data_root=${E2E_DATA:-outputs/bbu_e2e_${E2E_SIZE:-1920}}
+    [ -d "$data_root" ] || "$PYTHON" scripts/make_sample_bbu.py "$data_root" --groups 100 --size "${E2E_SIZE:-1920}"
+    for gpu in false true; do
+      out=outputs/e2e_gpu_augmentation_$gpu
+      # shellcheck disable=SC2086
+      "$PYTHON" dinov2/train/train.py --config-file dinov2/configs/train/vitl16_short.yaml --output-dir "$out" \
+        --no-resume $ARCH_S14 "train.dataset_path=BBU:root=$data_root:split=TRAIN" train.num_workers=16 \
+        train.OFFICIAL_EPOCH_LENGTH=80 optim.epochs=1 train.checkpoint_period=100000 \
+        evaluation.eval_period_iterations=0 train.log_period=10 crops.gpu_augmentation=$gpu $EXTRA > "$out.log" 2>&1
+      "$PYTHON" - "$out" "$gpu" <<'PY' | tee -a "$RESULTS"
+import json, statistics, sys
+rows = [json.loads(line) for line in open(sys.argv[1] + "/training_metrics.json")]
+times = [r["iter_time"] for r in rows if r["iteration"] >= 20]
+print(json.dumps({"benchmark": "e2e", "gpu_augmentation": sys.argv[2] == "true", "arch": "vit_small/14",
+                  "batch_size": 64, "logged_iterations": len(times),
+                  "images_per_s": round(64 / statistics.mean(times), 2)}))
+PY
+    done
     ;;
   profile)  # traces and operator tables of each architecture (fp16, plain and compiled) into $PROFILE_DIR
     for arch in "$ARCH_L16" "$ARCH_B14" "$ARCH_S14"; do
@@ -83,10 +103,10 @@ case "$STAGE" in
     done
     ;;
   all)
-    for stage in train-l16 train-b14 train-s14 parity extract data; do bash "$0" "$stage"; done
+    for stage in train-l16 train-b14 train-s14 parity extract data e2e; do bash "$0" "$stage"; done
     ;;
   *)
-    echo "unknown stage '$STAGE': train-l16 | train-b14 | train-s14 | parity | extract | data | profile | all" >&2
+    echo "unknown stage '$STAGE': train-l16 | train-b14 | train-s14 | parity | extract | data | e2e | profile | all" >&2
     exit 2
     ;;
 esac

@@ -155,7 +155,8 @@ class DataAugmentationDINO:
 
 
 def make_augmentation_from_cfg(cfg: DictConfig) -> DataAugmentationDINO:
-    """DataAugmentationDINO from the `crops` section of a training config."""
+    """DataAugmentationDINO from the `crops` section of a training config (with `crops.gpu_augmentation` only its
+    parameter sampling is used, so the fast path's tables are not built)."""
     crops = cfg.crops
     return DataAugmentationDINO(
         crops.global_crops_scale,
@@ -164,6 +165,6 @@ def make_augmentation_from_cfg(cfg: DictConfig) -> DataAugmentationDINO:
         global_crops_size=crops.global_crops_size,
         local_crops_size=crops.local_crops_size,
         blur_probs=crops.blur_probs,
-        fast=crops.fast_augmentation,
+        fast=crops.fast_augmentation and not crops.gpu_augmentation,
         reducing_gap=crops.fast_reducing_gap,
     )

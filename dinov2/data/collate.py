@@ -5,6 +5,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+# The iBOT mask entries of a training batch (`collate_masks`).
+MASK_KEYS = ("collated_masks", "mask_indices_list", "masks_weight", "upperbound", "n_masked_patches")
+
 
 def collate_data_and_cast(
     samples_list: List[Tuple[Dict[str, Any], Any]],
@@ -26,8 +29,6 @@ def collate_data_and_cast(
     the owning crop, one per masked token), `upperbound` (sum of int(n_tokens * ratio_max) over masked crops: a
     static bound on the number of masked tokens) and `n_masked_patches` (long tensor of shape [1]).
     """
-    if mask_generator is None or n_tokens is None:
-        raise ValueError("collate_data_and_cast needs n_tokens and mask_generator")
     n_global_crops = len(samples_list[0][0]["global_crops"])
     n_local_crops = len(samples_list[0][0]["local_crops"])
     collated_global_crops = torch.stack(
@@ -36,8 +37,24 @@ def collate_data_and_cast(
     collated_local_crops = torch.stack(
         [sample[0]["local_crops"][i] for i in range(n_local_crops) for sample in samples_list]
     )
+    masks = collate_masks(len(collated_global_crops), mask_ratio_tuple, mask_probability, n_tokens, mask_generator)
+    return {
+        "collated_global_crops": collated_global_crops.to(dtype),
+        "collated_local_crops": collated_local_crops.to(dtype),
+        **masks,
+    }
 
-    n_crops = len(collated_global_crops)
+
+def collate_masks(
+    n_crops: int,
+    mask_ratio_tuple: Sequence[float],
+    mask_probability: float,
+    n_tokens: Optional[int],
+    mask_generator: Optional[Callable[[int], Any]],
+) -> Dict[str, Any]:
+    """The iBOT mask entries of a batch with `n_crops` global crops (see `collate_data_and_cast`)."""
+    if mask_generator is None or n_tokens is None:
+        raise ValueError("collate_data_and_cast needs n_tokens and mask_generator")
     n_masked_crops = int(n_crops * mask_probability)
     ratios = torch.linspace(*mask_ratio_tuple, n_masked_crops + 1)
     upperbound = 0
@@ -56,12 +73,5 @@ def collate_data_and_cast(
     per_crop_weight = 1.0 / collated_masks.sum(-1).clamp(min=1.0)
     masks_weight = per_crop_weight.unsqueeze(-1).expand_as(collated_masks)[collated_masks]
 
-    return {
-        "collated_global_crops": collated_global_crops.to(dtype),
-        "collated_local_crops": collated_local_crops.to(dtype),
-        "collated_masks": collated_masks,
-        "mask_indices_list": mask_indices_list,
-        "masks_weight": masks_weight,
-        "upperbound": upperbound,
-        "n_masked_patches": torch.full((1,), fill_value=mask_indices_list.shape[0], dtype=torch.long),
-    }
+    n_masked_patches = torch.full((1,), fill_value=mask_indices_list.shape[0], dtype=torch.long)
+    return dict(zip(MASK_KEYS, (collated_masks, mask_indices_list, masks_weight, upperbound, n_masked_patches)))

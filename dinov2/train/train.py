@@ -27,6 +27,8 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 import dinov2.distributed as distributed
 from dinov2.data import MaskingGenerator, SamplerType, collate_data_and_cast, make_data_loader, make_dataset
 from dinov2.data.augmentations import make_augmentation_from_cfg
+from dinov2.data.datasets.extended import ExtendedVisionDataset
+from dinov2.data.gpu_augmentations import EncodedCropsTransform, GPUMultiCropAugmentation, collate_encoded_crops
 from dinov2.fsdp import FSDPCheckpointer, PeriodicCheckpointer, is_fsdp
 from dinov2.fsdp.checkpointer import get_rng_state, set_rng_state
 from dinov2.logging import MetricLogger, SmoothedValue
@@ -166,18 +168,24 @@ class BatchSeededCollate:
 
 
 def build_data_loader(cfg: DictConfig, start_iter: int, inputs_dtype: torch.dtype) -> torch.utils.data.DataLoader:
+    """The SSL loader from `start_iter` on; with `crops.gpu_augmentation` its batches still need
+    `GPUMultiCropAugmentation` (bytes and crop parameters instead of crops)."""
     img_size = cfg.crops.global_crops_size
     patch_size = cfg.student.patch_size
     grid = img_size // patch_size
     mask_generator = MaskingGenerator(input_size=(grid, grid), max_num_patches=0.5 * grid * grid)
-    collate_fn: Callable = partial(
-        collate_data_and_cast,
+    mask_args = dict(
         mask_ratio_tuple=tuple(cfg.ibot.mask_ratio_min_max),
         mask_probability=cfg.ibot.mask_sample_probability,
         n_tokens=grid * grid,
         mask_generator=mask_generator,
-        dtype=inputs_dtype,
     )
+    transform: Callable = make_augmentation_from_cfg(cfg)
+    if cfg.crops.gpu_augmentation:
+        transform = EncodedCropsTransform(transform)
+        collate_fn: Callable = partial(collate_encoded_crops, **mask_args)
+    else:
+        collate_fn = partial(collate_data_and_cast, dtype=inputs_dtype, **mask_args)
     num_workers = cfg.train.num_workers
     seeded = None
     if num_workers > 0:
@@ -185,11 +193,12 @@ def build_data_loader(cfg: DictConfig, start_iter: int, inputs_dtype: torch.dtyp
             collate_fn, int(cfg.train.seed), distributed.get_global_rank(), start_iter, num_workers
         )
         collate_fn = seeded
-    dataset = make_dataset(
-        dataset_str=cfg.train.dataset_path,
-        transform=make_augmentation_from_cfg(cfg),
-        target_transform=no_target,
-    )
+    dataset = make_dataset(dataset_str=cfg.train.dataset_path, transform=transform, target_transform=no_target)
+    if cfg.crops.gpu_augmentation and not isinstance(dataset, ExtendedVisionDataset):
+        raise ValueError(
+            f"crops.gpu_augmentation needs a dataset of encoded image files; {cfg.train.dataset_path!r} gives a "
+            f"{type(dataset).__name__}"
+        )
     data_loader = make_data_loader(
         dataset=dataset,
         batch_size=cfg.train.batch_size_per_gpu,
@@ -310,6 +319,9 @@ def do_train(cfg: DictConfig, model: SSLMetaArch, resume: bool = False) -> Dict[
     )
 
     data_loader = build_data_loader(cfg, start_iter, inputs_dtype)
+    gpu_augmentation = None
+    if cfg.crops.gpu_augmentation:
+        gpu_augmentation = GPUMultiCropAugmentation(inputs_dtype, cfg.crops.gpu_decode_batch_size)
     rng_state = get_rng_state()  # as restored from the checkpoint; iter() below draws the loader's base seed
     data_iter = iter(data_loader)
     set_rng_state(rng_state)
@@ -326,6 +338,8 @@ def do_train(cfg: DictConfig, model: SSLMetaArch, resume: bool = False) -> Dict[
 
     iteration = start_iter
     for data in metric_logger.log_every(data_iter, log_period, "Training", max_iter, start_iter):
+        if gpu_augmentation is not None:
+            data = gpu_augmentation(data, model.device)
         current_batch_size = data["collated_global_crops"].shape[0] / 2
         # plain floats: numpy scalars in the optimizer state would not load with weights_only=True
         lr = float(lr_schedule[iteration])

@@ -5,6 +5,11 @@ Reads `--dataset` (a dataset string, e.g. BBU:root=<R>:split=TRAIN) or, without 
 With `--num-workers 0` the samples are produced in this process on one thread; otherwise by a DataLoader whose
 workers each use one thread (PyTorch's default in workers). The first batch (worker start-up) is not timed.
 On a shared machine use `--repeats`: the paths are measured in turn and the best run is the least disturbed one.
+
+Paths: `reference` (torchvision PIL pipeline), `fast` (draft decode, crop first; the default), `gpu`
+(`crops.gpu_augmentation`: workers forward JPEG bytes and crop parameters, the batch is collated with its iBOT masks
+and decoded + augmented on `--device`, synchronised, so the figure is end to end); `both` = reference + fast,
+`all` = the three.
 """
 
 import argparse
@@ -12,7 +17,8 @@ import io
 import os
 import tempfile
 import time
-from typing import Dict, List, Tuple
+from functools import partial
+from typing import Any, Callable, Dict, List, Tuple
 
 import numpy as np
 import torch
@@ -20,18 +26,30 @@ from omegaconf import OmegaConf
 from PIL import Image, ImageDraw
 
 from dinov2.configs import dinov2_default_config
-from dinov2.data import DataAugmentationDINO, SamplerType, make_data_loader, make_dataset
+from dinov2.data import MaskingGenerator, SamplerType, make_data_loader, make_dataset
 from dinov2.data.augmentations import make_augmentation_from_cfg
+from dinov2.data.gpu_augmentations import EncodedCropsTransform, GPUMultiCropAugmentation, collate_encoded_crops
 
 NUM_SYNTHETIC_IMAGES = 4
+PATH_CHOICES = {
+    "fast": ("fast",),
+    "reference": ("reference",),
+    "gpu": ("gpu",),
+    "both": ("reference", "fast"),
+    "all": ("reference", "fast", "gpu"),
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     crops = dinov2_default_config.crops
     parser.add_argument("--dataset", default=None, help="dataset string; default: synthetic JPEGs of --image-size")
     parser.add_argument("--image-size", nargs="+", default=["1920x1440"], help="WxH of synthetic JPEGs (several ok)")
-    parser.add_argument("--path", choices=("fast", "reference", "both"), default="fast",
-                        help="crop pipeline: fast (draft decode, crop first) or reference (torchvision PIL)")
+    parser.add_argument("--path", choices=tuple(PATH_CHOICES), default="fast",
+                        help="crop pipeline: fast (draft decode, crop first), reference (torchvision PIL), gpu "
+                             "(decode + augment on --device), both (reference + fast) or all")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="device of the gpu path")
+    parser.add_argument("--patch-size", type=int, default=14, help="iBOT mask grid of the gpu path's collate")
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers; 0 = in this process")
     parser.add_argument("--num-samples", type=int, default=40, help="timed samples per measurement")
     parser.add_argument("--batch-size", type=int, default=4, help="DataLoader batch size (num-workers > 0)")
@@ -76,15 +94,36 @@ def _stack_crops(samples: List[Tuple[Dict, object]]) -> Tuple[torch.Tensor, torc
     return global_crops, local_crops
 
 
-def _measure(dataset, args: argparse.Namespace) -> Tuple[int, float]:
+def _batch_steps(path: str, args: argparse.Namespace) -> Tuple[Callable, Callable[[Any], None]]:
+    """(collate_fn, finish): the gpu path collates bytes, crop parameters and iBOT masks, and `finish` renders the
+    batch on the device and waits for it; the CPU paths stack the crops and finish at once."""
+    if path != "gpu":
+        return _stack_crops, lambda batch: None
+    grid = args.global_crops_size // args.patch_size
+    mask_generator = MaskingGenerator(input_size=(grid, grid), max_num_patches=0.5 * grid * grid)
+    collate = partial(collate_encoded_crops, mask_ratio_tuple=(0.1, 0.5), mask_probability=0.5,
+                      n_tokens=grid * grid, mask_generator=mask_generator)  # fmt: skip
+    device = torch.device(args.device)
+    render = GPUMultiCropAugmentation(torch.float16 if device.type == "cuda" else torch.float32)
+
+    def finish(batch: Any) -> None:
+        render(batch, device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    return collate, finish
+
+
+def _measure(dataset, path: str, args: argparse.Namespace) -> Tuple[int, float]:
     """(samples, seconds) to produce about args.num_samples samples, after an untimed warm-up sample or batch."""
+    collate, finish = _batch_steps(path, args)
     if args.num_workers == 0:
         torch.set_num_threads(1)
         order = np.random.default_rng(args.seed).integers(0, len(dataset), args.num_samples + 1)
-        dataset[int(order[0])]
+        finish(collate([dataset[int(order[0])]]))
         start = time.perf_counter()
-        for index in order[1:]:
-            dataset[int(index)]
+        for first in range(1, len(order), args.batch_size):
+            finish(collate([dataset[int(index)] for index in order[first : first + args.batch_size]]))
         return args.num_samples, time.perf_counter() - start
     loader = make_data_loader(
         dataset=dataset,
@@ -92,14 +131,14 @@ def _measure(dataset, args: argparse.Namespace) -> Tuple[int, float]:
         num_workers=args.num_workers,
         seed=args.seed,
         sampler_type=SamplerType.INFINITE,
-        collate_fn=_stack_crops,
+        collate_fn=collate,
     )
     batches = iter(loader)
-    next(batches)
+    finish(next(batches))
     num_batches = max(1, -(-args.num_samples // args.batch_size))
     start = time.perf_counter()
     for _ in range(num_batches):
-        next(batches)
+        finish(next(batches))
     return num_batches * args.batch_size, time.perf_counter() - start
 
 
@@ -109,19 +148,22 @@ def _first_image_size(dataset) -> str:
     return f"{width}x{height}"
 
 
-def _make_transform(path: str, args: argparse.Namespace) -> DataAugmentationDINO:
-    """The training transform (`make_augmentation_from_cfg` on the default config) with this run's crop options."""
+def _make_transform(path: str, args: argparse.Namespace) -> Callable:
+    """The training transform (as `build_data_loader` makes it from the default config) with this run's crop
+    options."""
     overrides = {
         "local_crops_number": args.local_crops_number,
         "global_crops_size": args.global_crops_size,
         "local_crops_size": args.local_crops_size,
         "fast_augmentation": path == "fast",
+        "gpu_augmentation": path == "gpu",
     }
-    return make_augmentation_from_cfg(OmegaConf.merge(dinov2_default_config, {"crops": overrides}))
+    augmentation = make_augmentation_from_cfg(OmegaConf.merge(dinov2_default_config, {"crops": overrides}))
+    return EncodedCropsTransform(augmentation) if path == "gpu" else augmentation
 
 
 def run(args: argparse.Namespace) -> List[dict]:
-    paths = ("reference", "fast") if args.path == "both" else (args.path,)
+    paths = PATH_CHOICES[args.path]
     records = []
     with tempfile.TemporaryDirectory(prefix="dinov2_bench_data_") as tmp:
         sources = []
@@ -146,7 +188,7 @@ def run(args: argparse.Namespace) -> List[dict]:
             counts: Dict[str, int] = {}
             for _ in range(max(1, args.repeats)):
                 for path in paths:
-                    samples, seconds = _measure(datasets[path], args)
+                    samples, seconds = _measure(datasets[path], path, args)
                     rates[path].append(samples / seconds)
                     counts[path] = samples
             for path in paths:
@@ -157,6 +199,7 @@ def run(args: argparse.Namespace) -> List[dict]:
                         "dataset": args.dataset or "synthetic",
                         "image_size": image_size,
                         "path": path,
+                        "device": args.device if path == "gpu" else "cpu",
                         "num_workers": args.num_workers,
                         "num_samples": counts[path],
                         "repeats": len(rates[path]),

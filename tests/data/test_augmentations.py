@@ -507,11 +507,12 @@ def test_data_benchmark_runs_on_synthetic_jpegs():
 
     parser = argparse.ArgumentParser()
     data_benchmark.add_arguments(parser)
-    args = parser.parse_args(["--image-size", "120x90", "--path", "both", "--num-samples", "2", "--repeats", "1",
-                              "--local-crops-number", "2"])
+    args = parser.parse_args(["--image-size", "120x90", "--path", "all", "--num-samples", "2", "--repeats", "1",
+                              "--local-crops-number", "2", "--device", "cpu"])
     records = data_benchmark.run(args)
-    assert [(r["path"], r["image_size"], r["num_samples"]) for r in records] == [
-        ("reference", "120x90", 2),
-        ("fast", "120x90", 2),
+    assert [(r["path"], r["image_size"], r["num_samples"], r["device"]) for r in records] == [
+        ("reference", "120x90", 2, "cpu"),
+        ("fast", "120x90", 2, "cpu"),
+        ("gpu", "120x90", 2, "cpu"),
     ]
     assert all(r["samples_per_s"] > 0 and r["crops"] == "2x224 + 2x96" for r in records)

@@ -34,10 +34,14 @@ def test_loss_decreases_on_sample_data(tmp_path, sample_root):
         assert last < (0.8 if key == "total_loss" else 1.0) * first, (key, first, last)
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_resumed_run_reproduces_uninterrupted_losses(tmp_path, sample_root, monkeypatch, num_workers):
-    """8 iterations straight vs 4 + crash + resume + 4 (checkpoint every 4): identical losses."""
-    opts = tiny_opts(sample_root, train__num_workers=num_workers)
+@pytest.mark.parametrize(
+    "num_workers, gpu_augmentation", [(0, False), (2, False), (2, True)], ids=["in-process", "workers", "gpu-aug"]
+)
+def test_resumed_run_reproduces_uninterrupted_losses(tmp_path, sample_root, monkeypatch, num_workers,
+                                                     gpu_augmentation):
+    """8 iterations straight vs 4 + crash + resume + 4 (checkpoint every 4): identical losses (also with the crops
+    rendered by `crops.gpu_augmentation`, here on the CPU)."""
+    opts = tiny_opts(sample_root, train__num_workers=num_workers, crops__gpu_augmentation=gpu_augmentation)
     straight = str(tmp_path / "straight")
     run_training(straight, opts)
     expected = _losses_by_iteration(straight)

@@ -1,6 +1,7 @@
 """Decoders turning the raw values a dataset stores into what its samples carry."""
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from io import BytesIO
 from typing import Any
 
@@ -30,6 +31,14 @@ class ImageDataDecoder(Decoder):
 
     def decode(self) -> Image.Image:
         return self.open().convert(mode="RGB")
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    """Encoded bytes of one image and its path, for a transform that decodes elsewhere (`accepts_encoded_image`)."""
+
+    data: bytes
+    path: str
 
 
 class TargetDecoder(Decoder):

@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 from torchvision.datasets import VisionDataset
 
-from .decoders import ImageDataDecoder, TargetDecoder
+from .decoders import EncodedImage, ImageDataDecoder, TargetDecoder
 
 logger = logging.getLogger("dinov2")
 
@@ -46,7 +46,8 @@ class ExtendedVisionDataset(VisionDataset, metaclass=ABCMeta):
 
     Lazy decoding: the image is opened with `PIL.Image.open` (header only). A transform with the attribute
     `accepts_unloaded_image = True` receives that unloaded image (it may use JPEG draft mode) and must produce RGB
-    itself; otherwise the image is converted to RGB first. Read/decode errors, also those raised inside the transform,
+    itself; otherwise the image is converted to RGB first. A transform with `accepts_encoded_image = True` receives an
+    `EncodedImage` (the bytes and the path) instead, and decodes or forwards them itself. Read/decode errors, also those raised inside the transform,
     become `ImageDecodeError` (a RuntimeError) naming the sample index and the file.
 
     With `skip_bad_images=True` a broken sample is replaced by the next readable index; each replacement is logged as
@@ -74,17 +75,19 @@ class ExtendedVisionDataset(VisionDataset, metaclass=ABCMeta):
     def __len__(self) -> int:
         """Number of samples."""
 
-    def _accepts_unloaded_image(self) -> bool:
-        return bool(
-            getattr(self.transform, "accepts_unloaded_image", False)
-            or getattr(self.transforms, "accepts_unloaded_image", False)
-        )
+    def _transform_accepts(self, kind: str) -> bool:
+        """Whether the transform declares `accepts_<kind>_image = True` (kind: "unloaded" or "encoded")."""
+        name = f"accepts_{kind}_image"
+        return bool(getattr(self.transform, name, False) or getattr(self.transforms, name, False))
 
     def _load_sample(self, index: int) -> Tuple[Any, Any]:
         try:
-            image = ImageDataDecoder(self.get_image_data(index)).open()
-            if not self._accepts_unloaded_image():
-                image = image.convert(mode="RGB")
+            if self._transform_accepts("encoded"):
+                image = EncodedImage(self.get_image_data(index), self.get_image_path(index))
+            else:
+                image = ImageDataDecoder(self.get_image_data(index)).open()
+                if not self._transform_accepts("unloaded"):
+                    image = image.convert(mode="RGB")
             target = TargetDecoder(self.get_target(index)).decode()
             if self.transforms is not None:
                 image, target = self.transforms(image, target)

@@ -1,0 +1,237 @@
+"""dinov2/data/gpu_augmentations.py on the CPU: worker transform, collate, device-side rendering and colour ops."""
+
+import io
+import random
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms.v2.functional as TF
+from PIL import Image, ImageDraw
+
+from dinov2.data import DataAugmentationDINO, MaskingGenerator, collate_data_and_cast
+from dinov2.data.collate import MASK_KEYS
+from dinov2.data.datasets.decoders import EncodedImage
+from dinov2.data.datasets.extended import ImageDecodeError
+from dinov2.data.fast_crops import ColorJitterParams, CropParams
+from dinov2.data.gpu_augmentations import (
+    EncodedCropsTransform,
+    GPUMultiCropAugmentation,
+    collate_encoded_crops,
+    color_jitter,
+    gaussian_blur,
+)
+from dinov2.data.loaders import make_dataset
+from dinov2.data.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+STD_255 = torch.tensor(IMAGENET_DEFAULT_STD).view(3, 1, 1) * 255
+GRID = 4  # 64 px global crops, patch 16
+MASK_ARGS = dict(mask_ratio_tuple=(0.1, 0.5), mask_probability=0.5, n_tokens=GRID * GRID,
+                 mask_generator=MaskingGenerator(input_size=(GRID, GRID), max_num_patches=0.5 * GRID * GRID))  # fmt: skip
+
+
+def _photo_jpeg(width: int, height: int, seed: int = 0, mode: str = "RGB") -> bytes:
+    """A photo-like JPEG: gradient, noise and coloured rectangles."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    pixels = np.stack([xx / width * 200, yy / height * 200, (xx + yy) / (width + height) * 255], axis=-1)
+    image = Image.fromarray(np.clip(pixels + rng.normal(0, 4, pixels.shape), 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    for _ in range(12):
+        x0, y0 = int(rng.integers(0, width - 10)), int(rng.integers(0, height - 10))
+        draw.rectangle((x0, y0, x0 + 40, y0 + 30), fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+    out = io.BytesIO()
+    image.convert(mode).save(out, "JPEG", quality=92)
+    return out.getvalue()
+
+
+def _aug(n_local: int = 2) -> DataAugmentationDINO:
+    return DataAugmentationDINO((0.32, 1.0), (0.05, 0.32), n_local, global_crops_size=64, local_crops_size=32,
+                                fast=False)  # fmt: skip
+
+
+def _plain(box, size, flip=False) -> CropParams:
+    return CropParams(box=box, size=size, flip=flip, jitter=None, grayscale=False, blur_sigma=None, solarize=False)
+
+
+def _render(samples, dtype=torch.float32, decode_batch_size=16):
+    batch = collate_encoded_crops([(s, ()) for s in samples], **MASK_ARGS)
+    return GPUMultiCropAugmentation(dtype, decode_batch_size)(batch, torch.device("cpu"))
+
+
+def test_worker_transform_forwards_jpeg_bytes_and_decodes_other_formats():
+    transform = EncodedCropsTransform(_aug())
+    jpeg = _photo_jpeg(120, 90)
+    out = transform(EncodedImage(jpeg, "/data/a.jpg"))
+    assert out["pixels"] is None and bytes(out["encoded"].numpy()) == jpeg and out["path"] == "/data/a.jpg"
+    assert [c.size for c in out["crops"]] == [64, 64, 32, 32]
+
+    png = io.BytesIO()
+    Image.open(io.BytesIO(jpeg)).save(png, "PNG")
+    truncated_tail = jpeg + b"trailing"  # valid JPEG with data after the end marker: decoded by PIL in the worker
+    for data in (png.getvalue(), truncated_tail):
+        out = transform(EncodedImage(data, "/data/b"))
+        assert out["encoded"] is None and out["pixels"].shape == (3, 90, 120) and out["pixels"].dtype == torch.uint8
+
+
+def test_resized_crops_match_pil_bicubic():
+    """Geometry without colour ops: crop + bicubic resize + flip against torchvision's PIL pipeline (same decoder)."""
+    jpeg = _photo_jpeg(400, 300)
+    boxes = [((13, 7, 313, 267), 64, False), ((100, 40, 260, 200), 64, True), ((0, 0, 400, 300), 32, False),
+             ((50, 60, 130, 140), 32, True)]  # fmt: skip
+    sample = {"encoded": torch.frombuffer(bytearray(jpeg), dtype=torch.uint8), "pixels": None, "path": "p",
+              "crops": [_plain(box, size, flip) for box, size, flip in boxes]}  # fmt: skip
+    out = _render([sample])
+    image = Image.open(io.BytesIO(jpeg)).convert("RGB")
+    crops = list(out["collated_global_crops"]) + list(out["collated_local_crops"])
+    for crop, (box, size, flip) in zip(crops, boxes):
+        left, top, right, bottom = box
+        ref = TF.resized_crop(image, top, left, bottom - top, right - left, [size, size],
+                              TF.InterpolationMode.BICUBIC, antialias=True)  # fmt: skip
+        ref = TF.hflip(ref) if flip else ref
+        ref = TF.normalize(TF.to_dtype(TF.pil_to_tensor(ref), torch.float32, scale=True), IMAGENET_DEFAULT_MEAN,
+                           IMAGENET_DEFAULT_STD)  # fmt: skip
+        diff = ((crop - ref) * STD_255).abs()
+        assert diff.mean() < 0.5 and diff.max() < 2.0, (box, diff.mean().item(), diff.max().item())
+
+
+def test_colour_jitter_in_each_crops_order_matches_torchvision():
+    g = torch.Generator().manual_seed(0)
+    n = 8
+    x = torch.rand(n, 3, 12, 10, generator=g)
+    order = torch.stack([torch.randperm(4, generator=g) for _ in range(n)])
+    factors = torch.stack([torch.rand(n, generator=g) * 0.8 + 0.6, torch.rand(n, generator=g) * 0.8 + 0.6,
+                           torch.rand(n, generator=g) * 0.4 + 0.8, torch.rand(n, generator=g) * 0.2 - 0.1], dim=1)
+    apply = torch.tensor([True, True, False, True, True, True, False, True])
+    out = color_jitter(x, apply, order, factors)
+    ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+    for i in range(n):
+        ref = x[i]
+        if apply[i]:
+            for op in order[i].tolist():
+                ref = ops[op](ref, factors[i, op].item())
+        torch.testing.assert_close(out[i], ref, atol=2e-5, rtol=0, msg=f"crop {i}, order {order[i].tolist()}")
+
+
+def test_blur_grayscale_solarize_match_torchvision():
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(4, 3, 20, 16, generator=g)
+    sigma = torch.tensor([0.0, 0.1, 0.9, 2.0])
+    out = gaussian_blur(x, sigma)
+    torch.testing.assert_close(out[0], x[0], atol=0, rtol=0)
+    for i in range(1, 4):
+        ref = TF.gaussian_blur(x[i], [9, 9], [sigma[i].item()] * 2)
+        torch.testing.assert_close(out[i], ref, atol=1e-5, rtol=0)
+
+    # flip, grayscale and solarize through the device stage on a constant-colour JPEG
+    sample = {"encoded": None, "pixels": torch.tensor([200, 40, 90], dtype=torch.uint8).view(3, 1, 1).expand(3, 40, 40),
+              "path": "p", "crops": [
+                  CropParams((0, 0, 40, 40), 64, False, None, True, None, False),
+                  CropParams((0, 0, 40, 40), 64, False, None, False, None, True)]}  # fmt: skip
+    crops = _render([sample])["collated_global_crops"] * STD_255 + torch.tensor(IMAGENET_DEFAULT_MEAN).view(3, 1, 1) * 255
+    gray = 0.2989 * 200 + 0.587 * 40 + 0.114 * 90
+    torch.testing.assert_close(crops[0], torch.full_like(crops[0], gray), atol=1e-3, rtol=0)
+    solarized = torch.tensor([255.0 - 200, 40, 90]).view(3, 1, 1).expand_as(crops[1])
+    torch.testing.assert_close(crops[1], solarized, atol=1e-3, rtol=0)
+
+
+def test_collated_parameters_are_the_sampled_ones():
+    aug = _aug(n_local=3)
+    torch.manual_seed(0)
+    samples = [EncodedCropsTransform(aug)(EncodedImage(_photo_jpeg(160, 120, seed=k), f"img{k}")) for k in range(5)]
+    batch = collate_encoded_crops([(s, ()) for s in samples], **MASK_ARGS)
+    crops = [samples[i]["crops"][j] for j in range(2, 5) for i in range(5)]  # crop-major
+    assert batch["local_crop_image"].tolist() == [i for _ in range(3) for i in range(5)]
+    assert batch["local_crop_boxes"].tolist() == [list(c.box) for c in crops]
+    assert batch["local_crop_flip"].tolist() == [c.flip for c in crops]
+    assert batch["local_crop_grayscale"].tolist() == [c.grayscale for c in crops]
+    assert batch["local_crop_blur_sigma"].tolist() == pytest.approx([c.blur_sigma or 0.0 for c in crops])
+    jittered = [c.jitter for c in crops]
+    assert batch["local_crop_jitter"].tolist() == [j is not None for j in jittered]
+    for row, j in enumerate(jittered):
+        if j is not None:
+            assert batch["local_crop_jitter_order"][row].tolist() == list(j.order)
+            assert batch["local_crop_jitter_factors"][row].tolist() == pytest.approx(
+                [j.brightness, j.contrast, j.saturation, j.hue])
+    assert batch["global_crop_solarize"][:5].sum() == 0  # only global crop 2 may be solarized
+
+
+def test_batch_layout_and_crops_agree_with_the_cpu_path(bbu_sample):
+    """Same seed -> the same crop parameters and masks as the CPU fast path; the crops agree up to the decoders
+    and the PIL-vs-tensor colour arithmetic."""
+    root = bbu_sample[0]
+    aug = DataAugmentationDINO((0.32, 1.0), (0.05, 0.32), 2, global_crops_size=64, local_crops_size=32)
+    batches = {}
+    for gpu in (False, True):
+        transform = EncodedCropsTransform(aug) if gpu else aug
+        dataset = make_dataset(dataset_str=f"BBU:root={root}:split=TRAIN", transform=transform,
+                               target_transform=lambda _: ())  # fmt: skip
+        torch.manual_seed(0)
+        random.seed(0)
+        samples = [dataset[i] for i in range(6)]
+        if gpu:
+            batches[gpu] = _render([s for s, _ in samples])
+        else:
+            batches[gpu] = collate_data_and_cast(samples, dtype=torch.float32, **MASK_ARGS)
+    cpu, gpu = batches[False], batches[True]
+    assert sorted(gpu) == sorted(cpu)
+    for key in MASK_KEYS:
+        assert torch.equal(torch.as_tensor(gpu[key]), torch.as_tensor(cpu[key])), key
+    for key in ("collated_global_crops", "collated_local_crops"):
+        assert gpu[key].shape == cpu[key].shape and gpu[key].dtype == cpu[key].dtype
+        diff = (gpu[key] - cpu[key]).abs().mean(dim=(1, 2, 3)) * 60  # ~ uint8 levels
+        assert diff.median() < 2.5 and diff.max() < 6.0, diff.tolist()  # a wrong flip or jitter gives > 20
+
+
+def test_decode_batches_and_dtype():
+    aug = _aug()
+    torch.manual_seed(1)
+    samples = [EncodedCropsTransform(aug)(EncodedImage(_photo_jpeg(100, 80, seed=k, mode=mode), f"i{k}"))
+               for k, mode in enumerate(["RGB", "L", "RGB"])]  # fmt: skip
+    whole = _render(samples)
+    chunked = _render(samples, dtype=torch.bfloat16, decode_batch_size=2)
+    assert chunked["collated_global_crops"].dtype == torch.bfloat16
+    torch.testing.assert_close(chunked["collated_local_crops"].float(), whole["collated_local_crops"],
+                               atol=0.05, rtol=0.01)  # fmt: skip
+    gray_crop = whole["collated_global_crops"][1] * STD_255 + torch.tensor(IMAGENET_DEFAULT_MEAN).view(3, 1, 1) * 255
+    if samples[1]["crops"][0].jitter is None:  # a grayscale JPEG stays gray unless hue/saturation jitter ran
+        assert (gray_crop[0] - gray_crop[1]).abs().max() < 1e-3
+    with pytest.raises(ValueError, match="crops.gpu_decode_batch_size"):
+        GPUMultiCropAugmentation(torch.float32, 0)
+
+
+def test_broken_images_name_their_file(tmp_path, monkeypatch):
+    transform = EncodedCropsTransform(_aug())
+    jpeg = _photo_jpeg(100, 80)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    (folder / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    dataset = make_dataset(dataset_str=f"ImageFolder:root={folder}", transform=transform,
+                           target_transform=lambda _: ())  # fmt: skip
+    with pytest.raises(ImageDecodeError, match="truncated.jpg"):
+        dataset[0]
+
+    import dinov2.data.gpu_augmentations as gpu_augmentations
+
+    samples = [transform(EncodedImage(jpeg, f"/data/{name}.jpg")) for name in ("good", "bad")]
+    real_decode = gpu_augmentations.decode_jpeg
+
+    def failing_decode(data, **kwargs):
+        if isinstance(data, list) or data is samples[1]["encoded"]:  # the batch call, then the broken image
+            raise RuntimeError("nvjpeg: bad bitstream")
+        return real_decode(data, **kwargs)
+
+    monkeypatch.setattr(gpu_augmentations, "decode_jpeg", failing_decode)
+    with pytest.raises(ImageDecodeError, match="/data/bad.jpg: nvjpeg: bad bitstream"):
+        _render(samples)
+
+
+def test_training_loader_rejects_datasets_without_encoded_images(monkeypatch):
+    import dinov2.train.train as train
+    from dinov2.configs import load_and_merge_config
+
+    cfg = load_and_merge_config("train/bbu_sample")
+    cfg.crops.gpu_augmentation = True
+    monkeypatch.setattr(train, "make_dataset", lambda **kwargs: [0, 1, 2])
+    with pytest.raises(ValueError, match="crops.gpu_augmentation needs a dataset of encoded image files"):
+        train.build_data_loader(cfg, 0, torch.float32)
