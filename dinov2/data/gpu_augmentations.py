@@ -215,7 +215,8 @@ class GPUMultiCropAugmentation:
     def _resized_crops(
         self, batch: Dict[str, Any], images: Dict[int, torch.Tensor], kind: str, out: torch.Tensor
     ) -> None:
-        """Bicubic (antialiased) resize of every box of the `images` into its row of `out`, in [0, 1]."""
+        """Bicubic (antialiased) resize of every box of the `images` into its row of `out` (0-255 scale, unclamped:
+        `__call__` clamps and rescales each crop size in one pass)."""
         size = batch[f"{kind}_crop_size"]
         owners = batch[f"{kind}_crop_image"].tolist()
         for row, (owner, (left, top, right, bottom)) in enumerate(zip(owners, batch[f"{kind}_crop_boxes"].tolist())):
@@ -223,7 +224,7 @@ class GPUMultiCropAugmentation:
                 continue
             region = images[owner][:, top:bottom, left:right].unsqueeze(0).float()
             resized = F.interpolate(region, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
-            out[row] = resized[0].clamp_(0, 255).div_(255)
+            out[row] = resized[0]
 
     def _colour(self, batch: Dict[str, Any], kind: str, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] == 0:  # no local crops
@@ -251,6 +252,8 @@ class GPUMultiCropAugmentation:
             for kind, out in outputs.items():
                 self._resized_crops(batch, images, kind, out)
             del images
+        for out in outputs.values():
+            out.clamp_(0, 255).div_(255)
         result = {k: batch[k] for k in MASK_KEYS}
         result["collated_global_crops"] = self._colour(batch, "global", outputs["global"])
         result["collated_local_crops"] = self._colour(batch, "local", outputs["local"])
