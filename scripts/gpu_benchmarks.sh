@@ -22,6 +22,7 @@ EXTRA=${EXTRA:-}
 PEAK_TFLOPS=${PEAK_TFLOPS:-790}
 mkdir -p "$(dirname "$RESULTS")"
 export PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the package without `pip install -e .`
 
 BF16="compute_precision.grad_scaler=false"
 for side in student teacher; do
