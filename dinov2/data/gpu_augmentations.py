@@ -131,7 +131,8 @@ def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     hue = torch.remainder(hue + shift, 1.0)
     saturation = torch.where(maxc > 0, chroma / torch.where(maxc > 0, maxc, torch.ones_like(maxc)), maxc)
     # HSV -> RGB: channel n gets v - v * s * clamp(min(k, 4 - k), 0, 1) with k = (n + 6h) mod 6, n = 5, 3, 1
-    k = torch.remainder(torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1) + 6 * hue, 6)
+    n = 5.0 - 2.0 * torch.arange(3, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)  # 5, 3, 1 (no host copy)
+    k = torch.remainder(n + 6 * hue, 6)
     return maxc - maxc * saturation * torch.minimum(k, 4 - k).clamp(0, 1)
 
 
@@ -186,8 +187,8 @@ class GPUMultiCropAugmentation:
             raise ValueError(f"crops.gpu_decode_batch_size must be >= 1, got {decode_batch_size}")
         self.dtype = dtype
         self.decode_batch_size = decode_batch_size
-        self.mean = torch.tensor(mean).view(1, 3, 1, 1)
-        self.std = torch.tensor(std).view(1, 3, 1, 1)
+        self.mean, self.std = tuple(mean), tuple(std)
+        self._normalization: Dict[torch.device, Tuple[torch.Tensor, torch.Tensor]] = {}
 
     def decode(self, batch: Dict[str, Any], indices: Sequence[int], device: torch.device) -> Dict[int, torch.Tensor]:
         """uint8 (3, H, W) images of samples `indices` on `device`; a JPEG that fails raises naming its file."""
@@ -238,7 +239,11 @@ class GPUMultiCropAugmentation:
         x = torch.where(param("grayscale").view(-1, 1, 1, 1), _gray(x).expand_as(x), x)
         x = gaussian_blur(x, param("blur_sigma"))
         x = torch.where(param("solarize").view(-1, 1, 1, 1) & (x >= SOLARIZE_THRESHOLD), 1 - x, x)
-        return ((x - self.mean.to(x.device)) / self.std.to(x.device)).to(self.dtype)
+        if x.device not in self._normalization:  # copied to the device once: a copy per batch would sync the host
+            self._normalization[x.device] = tuple(torch.tensor(v, device=x.device).view(1, 3, 1, 1)
+                                                  for v in (self.mean, self.std))  # fmt: skip
+        mean, std = self._normalization[x.device]
+        return ((x - mean) / std).to(self.dtype)
 
     def __call__(self, batch: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
         n_images = len(batch["image_paths"])
