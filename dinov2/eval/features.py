@@ -235,10 +235,13 @@ class FeatureStore:
 
 
 def setup_feature_store(args: argparse.Namespace) -> FeatureStore:
-    """Start of every probe CLI: check the QC options, set up the run and the backbone (`setup_eval_model`), and
-    return its feature store (eval transform from `--resize-size/--crop-size`, cache in `--features-dir`)."""
+    """Start of every probe CLI: check the QC options, set up the run and the backbone (`setup_eval_model`, blocks
+    compiled with `--compile`), and return its feature store (eval transform from `--resize-size/--crop-size`, cache
+    in `--features-dir`)."""
     check_qc_arguments(args)
     model, autocast_dtype, config = setup_eval_model(args)
+    if args.compile:
+        model.compile_blocks(backend=args.compile)
     transform = make_classification_eval_transform(resize_size=args.resize_size, crop_size=args.crop_size)
     cache_dir = args.features_dir or os.path.join(args.output_dir, "features")
     return FeatureStore(

@@ -13,7 +13,7 @@ from dinov2.eval.metrics import GROUP_AGGREGATIONS
 from dinov2.eval.thresholds import parse_policy
 from dinov2.models import build_model_from_cfg
 from dinov2.utils.config import setup
-from dinov2.utils.utils import fix_random_seeds, load_pretrained_weights
+from dinov2.utils.utils import check_compile_options, fix_random_seeds, load_pretrained_weights
 
 logger = logging.getLogger("dinov2")
 
@@ -127,10 +127,21 @@ def add_qc_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--fpr-target", type=float, default=0.01, help="False-positive rate for the recall_at_fpr metric"
     )
+    parser.add_argument(
+        "--compile",
+        nargs="?",
+        const="inductor",
+        default=None,
+        metavar="BACKEND",
+        help="torch.compile the backbone blocks for feature extraction (default backend: inductor; pays off on "
+        "large datasets on a GPU)",
+    )
 
 
 def check_qc_arguments(args: argparse.Namespace) -> None:
-    """Fail early on a bad threshold policy or FPR target, before any feature is extracted."""
+    """Fail early on a bad threshold policy, FPR target or compile backend, before any feature is extracted."""
     parse_policy(args.threshold_policy)
     if not 0.0 <= args.fpr_target <= 1.0:
         raise ValueError(f"--fpr-target must be in [0, 1], got {args.fpr_target}")
+    if args.compile:
+        check_compile_options(args.compile, None, backend_key="--compile")

@@ -23,7 +23,7 @@ from dinov2.loss import DINOLoss, KoLeoLoss, iBOTPatchLoss
 from dinov2.models import build_model_from_cfg
 from dinov2.models.vision_transformer import BlockChunk
 from dinov2.utils.param_groups import fuse_params_groups, get_params_groups_with_decay
-from dinov2.utils.utils import has_batchnorms, load_pretrained_weights
+from dinov2.utils.utils import check_compile_options, has_batchnorms, load_pretrained_weights
 
 logger = logging.getLogger("dinov2")
 
@@ -47,25 +47,6 @@ def fp32_precision(precision_cfg: DictConfig) -> DictConfig:
     return cfg
 
 
-def _compile_kwargs(train_cfg: DictConfig) -> Dict[str, Any]:
-    """`train.compile_backend` / `train.compile_mode` checked against what this PyTorch offers."""
-    from torch._dynamo import list_backends
-    from torch._inductor import list_mode_options
-
-    backend = str(train_cfg.compile_backend)
-    backends = list_backends(exclude_tags=())
-    if backend not in backends:
-        raise ValueError(f"train.compile_backend {backend!r} is not a torch.compile backend; expected one of {backends}")
-    mode = train_cfg.compile_mode
-    if mode is not None:
-        modes = list(list_mode_options()) if backend == "inductor" else []
-        if mode not in modes:
-            raise ValueError(
-                f"train.compile_mode {mode!r} is not a mode of backend {backend!r}; expected null or one of {modes}"
-            )
-    return {"backend": backend, "mode": mode}
-
-
 class SSLMetaArch(nn.Module):
     """Student and teacher `ModuleDict{backbone, dino_head, ibot_head?}` with the DINOv2 losses."""
 
@@ -80,7 +61,9 @@ class SSLMetaArch(nn.Module):
         student_backbone, teacher_backbone, embed_dim = build_model_from_cfg(cfg)
         student_backbone.set_activation_checkpointing(cfg.train.activation_checkpointing)
         if cfg.train.compile:
-            compile_kwargs = _compile_kwargs(cfg.train)
+            compile_kwargs = check_compile_options(
+                cfg.train.compile_backend, cfg.train.compile_mode, "train.compile_backend", "train.compile_mode"
+            )
             student_backbone.compile_blocks(**compile_kwargs)
             teacher_backbone.compile_blocks(**compile_kwargs)
         student_model_dict = {"backbone": student_backbone}

@@ -327,6 +327,24 @@ class CosineScheduler:
         return float(self.schedule[it])
 
 
+def check_compile_options(
+    backend: str, mode: Optional[str], backend_key: str = "backend", mode_key: str = "mode"
+) -> Dict[str, Any]:
+    """`torch.compile` backend and mode checked against this PyTorch (errors name `backend_key` / `mode_key`, the
+    config key or option they came from), as keyword arguments; torch.compile itself would only fail at first use."""
+    from torch._dynamo import list_backends
+    from torch._inductor import list_mode_options
+
+    backends = list_backends(exclude_tags=())
+    if backend not in backends:
+        raise ValueError(f"{backend_key} {backend!r} is not a torch.compile backend; expected one of {backends}")
+    if mode is not None:
+        modes = list(list_mode_options()) if backend == "inductor" else []
+        if mode not in modes:
+            raise ValueError(f"{mode_key} {mode!r} is not a mode of backend {backend!r}; expected null or one of {modes}")
+    return {"backend": backend, "mode": mode}
+
+
 def has_batchnorms(model: nn.Module) -> bool:
     """Whether `model` contains any BatchNorm layer (incl. SyncBatchNorm), which the FSDP training path rejects."""
     return any(isinstance(module, nn.modules.batchnorm._BatchNorm) for module in model.modules())

@@ -7,13 +7,17 @@ import numpy as np
 import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
+from omegaconf import OmegaConf
 from PIL import Image, ImageDraw
+from test_augmentations import _binomial_ok
 
+from dinov2.configs import dinov2_default_config
 from dinov2.data import DataAugmentationDINO, MaskingGenerator, collate_data_and_cast
+from dinov2.data.augmentations import COLOR_JITTER_PROB, GRAYSCALE_PROB, HFLIP_PROB, make_augmentation_from_cfg
 from dinov2.data.collate import MASK_KEYS
 from dinov2.data.datasets.decoders import EncodedImage
 from dinov2.data.datasets.extended import ImageDecodeError
-from dinov2.data.fast_crops import ColorJitterParams, CropParams
+from dinov2.data.fast_crops import CropParams
 from dinov2.data.gpu_augmentations import (
     EncodedCropsTransform,
     GPUMultiCropAugmentation,
@@ -154,6 +158,53 @@ def test_collated_parameters_are_the_sampled_ones():
             assert batch["local_crop_jitter_factors"][row].tolist() == pytest.approx(
                 [j.brightness, j.contrast, j.saturation, j.hue])
     assert batch["global_crop_solarize"][:5].sum() == 0  # only global crop 2 may be solarized
+
+
+def test_collated_decision_rates_match_the_configured_probabilities():
+    """Over 300 images (1800 crops) of the training transform built from the default config, the fraction of
+    flipped / jittered / grayscale / blurred / solarized crops in the collated tensors is each configured
+    probability (binomial, 4.5 sigma), per crop kind where it differs; factors, sigmas and orders stay in range."""
+    crops_cfg = {"gpu_augmentation": True, "local_crops_number": 4, "global_crops_size": 64, "local_crops_size": 32}
+    aug = make_augmentation_from_cfg(OmegaConf.merge(dinov2_default_config, {"crops": crops_cfg}))
+    assert not aug.fast  # only the sampler is used: no hue tables are built
+    transform = EncodedCropsTransform(aug)
+    jpeg = _photo_jpeg(120, 90)
+    torch.manual_seed(0)
+    random.seed(0)
+    n_images, per_batch = 300, 50
+    batches = [
+        collate_encoded_crops([(transform(EncodedImage(jpeg, "p")), ()) for _ in range(per_batch)], **MASK_ARGS)
+        for _ in range(n_images // per_batch)
+    ]
+
+    def column(kind, name):
+        return torch.cat([b[f"{kind}_crop_{name}"] for b in batches])
+
+    first = torch.cat([torch.arange(2 * per_batch) < per_batch for _ in batches])  # global crop 1 rows
+    blur_probs, solarize_prob = dinov2_default_config.crops.blur_probs, aug.solarize_prob
+    blurred = {kind: column(kind, "blur_sigma") > 0 for kind in ("global", "local")}
+    expected = [  # (flags, probability)
+        (blurred["global"][first], blur_probs[0]),
+        (blurred["global"][~first], blur_probs[1]),
+        (blurred["local"], blur_probs[2]),
+        (column("global", "solarize")[~first], solarize_prob),
+        (column("global", "solarize")[first], 0.0),
+        (column("local", "solarize"), 0.0),
+    ]
+    for name, p in (("flip", HFLIP_PROB), ("jitter", COLOR_JITTER_PROB), ("grayscale", GRAYSCALE_PROB)):
+        expected += [(column(kind, name), p) for kind in ("global", "local")]
+    for flags, p in expected:
+        assert _binomial_ok(int(flags.sum()), len(flags), p), (int(flags.sum()), len(flags), p)
+
+    sigma = torch.cat([column(kind, "blur_sigma")[blurred[kind]] for kind in ("global", "local")])
+    assert sigma.min() >= 0.1 and sigma.max() <= 2.0
+    jitter = torch.cat([column(kind, "jitter") for kind in ("global", "local")])
+    factors = torch.cat([column(kind, "jitter_factors") for kind in ("global", "local")])[jitter]
+    order = torch.cat([column(kind, "jitter_order") for kind in ("global", "local")])[jitter]
+    low, high = torch.tensor([0.6, 0.6, 0.8, -0.1]), torch.tensor([1.4, 1.4, 1.2, 0.1])
+    assert ((factors >= low) & (factors <= high)).all()
+    assert torch.equal(order.sort(dim=1).values, torch.arange(4).expand_as(order))
+    assert all(_binomial_ok(int(k), len(order), 0.25) for k in torch.bincount(order[:, 0], minlength=4))
 
 
 def test_batch_layout_and_crops_agree_with_the_cpu_path(bbu_sample):

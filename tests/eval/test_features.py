@@ -8,9 +8,11 @@ import sys
 import numpy as np
 import pytest
 import torch
-from eval_helpers import QC_ARGS, dataset_str, load_eval_config, probe_options, read_results
+from eval_helpers import QC_ARGS, dataset_str, load_eval_config, probe_args, probe_options, read_results
 
+import dinov2.distributed as distributed
 from dinov2.data import make_dataset
+from dinov2.eval import knn
 from dinov2.eval.features import FeatureSet, FeatureStore, split_tag
 from dinov2.eval.setup import build_model_for_eval
 
@@ -111,3 +113,29 @@ def test_probes_refuse_unlabelled_images_and_other_class_lists():
                        ["x"] * 3, ["ok", "scratch", "dent"])
     with pytest.raises(ValueError, match=r"split=VAL has classes \['negative', 'positive'\].*split=TRAIN"):
         split.require_classes_of(other)
+
+
+def test_compiled_extraction_gives_the_same_features(tmp_path, teacher_run, sample_root, eval_config,
+                                                     teacher_checkpoint):
+    """`--compile aot_eager` (dynamo + AOTAutograd, no C++ compiler needed): the k-NN probe's cached features equal
+    the uncompiled ones; an unknown backend is refused before any extraction."""
+    teacher_dir, _ = teacher_run
+    output_dir = tmp_path / "compiled"
+    args = probe_args(knn, eval_config, teacher_checkpoint, output_dir, *probe_options("knn", sample_root),
+                      "--compile", "aot_eager")
+    try:
+        knn.run_eval_knn(args)
+    finally:
+        distributed.disable()
+    compared = 0
+    for compiled_path in (output_dir / "features").glob("*.pt"):
+        (plain_path,) = (teacher_dir / "features").glob(f"{compiled_path.name.split('_')[0]}_*.pt")
+        compiled, plain = torch.load(compiled_path, weights_only=True), torch.load(plain_path, weights_only=True)
+        assert torch.allclose(compiled["features"], plain["features"], atol=1e-5)
+        compared += 1
+    assert compared == 2  # train and test
+    bad = probe_args(knn, eval_config, teacher_checkpoint, tmp_path / "bad", *probe_options("knn", sample_root),
+                     "--compile", "turbo")
+    with pytest.raises(ValueError, match="--compile 'turbo' is not a torch.compile backend"):
+        knn.run_eval_knn(bad)
+    assert not (tmp_path / "bad" / "features").exists()
