@@ -14,7 +14,10 @@ the rate a small ViT trains. With this path the work is split in three:
    `crops.gpu_decode_batch_size` images (`torchvision.io.decode_jpeg` on the device: nvJPEG on CUDA), crops and
    resizes every box (bicubic, antialiased), then flips, colour-jitters (each crop's own factors and order),
    grayscales, blurs (9 taps, reflect padding), solarizes and normalises all crops of a size at once with per-crop
-   parameter tensors. Pixels are floats in [0, 1] throughout (no uint8 rounding between steps).
+   parameter tensors. Pixels are floats in [0, 1] throughout (no uint8 rounding between steps). Decoded memory
+   peaks at one chunk of uint8 images (default 16; 16 x 4000x3000 RGB = 0.58 GB) plus one float32 crop region.
+
+As in the PIL paths, EXIF orientation is not applied (the stored pixel grid is cropped; `decode_jpeg`'s default).
 """
 
 import io
@@ -196,6 +199,12 @@ class GPUMultiCropAugmentation:
         jpegs = [i for i in indices if batch["encoded_images"][i] is not None]
         if jpegs:
             data = [batch["encoded_images"][i] for i in jpegs]
+            if device.type == "cuda":
+                # torchvision's nvJPEG decoder takes its output memory from the current stream's pool but writes it
+                # from its own stream without waiting for this one (pytorch/vision#9606): a block freed while queued
+                # kernels still read it (last iteration's activations, the previous chunk's images) would be
+                # overwritten under them. Drain the stream first.
+                torch.cuda.current_stream(device).synchronize()
             try:
                 decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
             except RuntimeError:

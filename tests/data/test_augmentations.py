@@ -1,11 +1,11 @@
 """DataAugmentationDINO: outputs, blur probabilities as configured, and fast path == reference distribution."""
 
 import io
-import math
 
 import numpy as np
 import pytest
 import torch
+from data_helpers import binomial_ok, same_distribution
 from omegaconf import OmegaConf
 from PIL import Image, ImageDraw
 from torchvision import transforms
@@ -66,19 +66,6 @@ def _plain(box, size, **overrides) -> CropParams:
     fields = dict(box=box, size=size, flip=False, jitter=None, grayscale=False, blur_sigma=None, solarize=False)
     fields.update(overrides)
     return CropParams(**fields)
-
-
-def _binomial_ok(k: int, n: int, p: float) -> bool:
-    """k successes out of n are within 4.5 standard deviations of Binomial(n, p) (exact at p = 0 or 1)."""
-    return abs(k - n * p) <= 4.5 * math.sqrt(n * p * (1 - p)) + 1e-9
-
-
-def _same_distribution(a, b, alpha: float = 1e-3) -> bool:
-    """Two-sample Kolmogorov-Smirnov test: False when the samples differ at level `alpha` (asymptotic bound)."""
-    a, b = np.sort(np.asarray(a, dtype=float)), np.sort(np.asarray(b, dtype=float))
-    grid = np.concatenate([a, b])
-    d = np.abs(np.searchsorted(a, grid, side="right") / len(a) - np.searchsorted(b, grid, side="right") / len(b)).max()
-    return d <= math.sqrt(-math.log(alpha / 2) / 2) * math.sqrt((len(a) + len(b)) / (len(a) * len(b)))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -189,7 +176,7 @@ def test_blur_frequencies_reference_path(blur_probs):
         blur.transforms = [lambda img: calls.append(1) or img]  # count applications of the inner blur
         for _ in range(n):
             blur(tiny)
-        assert _binomial_ok(len(calls), n, p), (p, len(calls))
+        assert binomial_ok(len(calls), n, p), (p, len(calls))
 
 
 @pytest.mark.parametrize("blur_probs", [(1.0, 0.1, 0.5), (0.0, 0.9, 0.5)])
@@ -205,9 +192,9 @@ def test_blur_frequencies_fast_path(blur_probs):
         counts[1] += params[1].blur_sigma is not None
         counts[2] += sum(c.blur_sigma is not None for c in params[2:])
         n_local += len(params) - 2
-    assert _binomial_ok(counts[0], n, blur_probs[0])
-    assert _binomial_ok(counts[1], n, blur_probs[1])
-    assert _binomial_ok(counts[2], n_local, blur_probs[2])
+    assert binomial_ok(counts[0], n, blur_probs[0])
+    assert binomial_ok(counts[1], n, blur_probs[1])
+    assert binomial_ok(counts[2], n_local, blur_probs[2])
 
 
 # --- fast == reference distribution
@@ -240,7 +227,7 @@ def test_crop_box_distribution_matches_torchvision(size, scale):
 
     ref_f, fast_f = features(reference), features(fast)
     for name in ref_f:
-        assert _same_distribution(ref_f[name], fast_f[name]), name
+        assert same_distribution(ref_f[name], fast_f[name]), name
 
 
 def test_color_jitter_and_blur_sigma_distributions_match_torchvision():
@@ -260,11 +247,11 @@ def test_color_jitter_and_blur_sigma_distributions_match_torchvision():
     for i, name in enumerate(["brightness", "contrast", "saturation", "hue"]):
         ref_values = np.array([float(r[i + 1]) for r in ref])
         fast_values = np.array([getattr(f, name) for f in fast])
-        assert _same_distribution(ref_values, fast_values), name
+        assert same_distribution(ref_values, fast_values), name
     # the order of the four ops is a uniform permutation in both
     first_op_ref = np.bincount([int(r[0][0]) for r in ref], minlength=4)
     first_op_fast = np.bincount([f.order[0] for f in fast], minlength=4)
-    assert all(_binomial_ok(k, n, 0.25) for k in first_op_ref) and all(_binomial_ok(k, n, 0.25) for k in first_op_fast)
+    assert all(binomial_ok(k, n, 0.25) for k in first_op_ref) and all(binomial_ok(k, n, 0.25) for k in first_op_fast)
     assert all(sorted(f.order) == [0, 1, 2, 3] for f in fast)
 
     blur = _reference_blurs(aug)[0].transforms[0]
@@ -272,7 +259,7 @@ def test_color_jitter_and_blur_sigma_distributions_match_torchvision():
     fast_sigma = np.array(
         [c.blur_sigma for _ in range(n // 2) for c in aug.sample_params(200, 150, generator=gen)[:1]]
     )
-    assert _same_distribution(ref_sigma, fast_sigma)
+    assert same_distribution(ref_sigma, fast_sigma)
 
 
 def test_fast_path_decision_rates_match_reference_settings():
@@ -292,10 +279,10 @@ def test_fast_path_decision_rates_match_reference_settings():
     crops = [aug.sample_params(300, 200, generator=gen) for _ in range(n)]
     all_crops = [c for sample in crops for c in sample]
     m = len(all_crops)
-    assert _binomial_ok(sum(c.flip for c in all_crops), m, expected["flip"])
-    assert _binomial_ok(sum(c.jitter is not None for c in all_crops), m, expected["jitter"])
-    assert _binomial_ok(sum(c.grayscale for c in all_crops), m, expected["grayscale"])
-    assert _binomial_ok(sum(s[1].solarize for s in crops), n, expected["solarize global 2"])
+    assert binomial_ok(sum(c.flip for c in all_crops), m, expected["flip"])
+    assert binomial_ok(sum(c.jitter is not None for c in all_crops), m, expected["jitter"])
+    assert binomial_ok(sum(c.grayscale for c in all_crops), m, expected["grayscale"])
+    assert binomial_ok(sum(s[1].solarize for s in crops), n, expected["solarize global 2"])
     assert not any(s[0].solarize or any(c.solarize for c in s[2:]) for s in crops)
     assert all(s[0].size == 224 and s[1].size == 224 and all(c.size == 96 for c in s[2:]) for s in crops)
 
@@ -314,7 +301,7 @@ def test_fast_and_reference_pixel_statistics_agree(jpeg_200x150):
                 stds.append(crop.std().item())
         summaries[fast] = (np.array(means), np.array(stds))
     for i in range(2):
-        assert _same_distribution(summaries[True][i], summaries[False][i])
+        assert same_distribution(summaries[True][i], summaries[False][i])
 
 
 # --- fast path pixels

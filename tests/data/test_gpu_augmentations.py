@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
+from data_helpers import binomial_ok
 from omegaconf import OmegaConf
 from PIL import Image, ImageDraw
-from test_augmentations import _binomial_ok
 
 from dinov2.configs import dinov2_default_config
 from dinov2.data import DataAugmentationDINO, MaskingGenerator, collate_data_and_cast
@@ -194,7 +194,7 @@ def test_collated_decision_rates_match_the_configured_probabilities():
     for name, p in (("flip", HFLIP_PROB), ("jitter", COLOR_JITTER_PROB), ("grayscale", GRAYSCALE_PROB)):
         expected += [(column(kind, name), p) for kind in ("global", "local")]
     for flags, p in expected:
-        assert _binomial_ok(int(flags.sum()), len(flags), p), (int(flags.sum()), len(flags), p)
+        assert binomial_ok(int(flags.sum()), len(flags), p), (int(flags.sum()), len(flags), p)
 
     sigma = torch.cat([column(kind, "blur_sigma")[blurred[kind]] for kind in ("global", "local")])
     assert sigma.min() >= 0.1 and sigma.max() <= 2.0
@@ -204,7 +204,7 @@ def test_collated_decision_rates_match_the_configured_probabilities():
     low, high = torch.tensor([0.6, 0.6, 0.8, -0.1]), torch.tensor([1.4, 1.4, 1.2, 0.1])
     assert ((factors >= low) & (factors <= high)).all()
     assert torch.equal(order.sort(dim=1).values, torch.arange(4).expand_as(order))
-    assert all(_binomial_ok(int(k), len(order), 0.25) for k in torch.bincount(order[:, 0], minlength=4))
+    assert all(binomial_ok(int(k), len(order), 0.25) for k in torch.bincount(order[:, 0], minlength=4))
 
 
 def test_batch_layout_and_crops_agree_with_the_cpu_path(bbu_sample):
@@ -275,6 +275,30 @@ def test_broken_images_name_their_file(tmp_path, monkeypatch):
     monkeypatch.setattr(gpu_augmentations, "decode_jpeg", failing_decode)
     with pytest.raises(ImageDecodeError, match="/data/bad.jpg: nvjpeg: bad bitstream"):
         _render(samples)
+
+
+def test_cuda_stream_is_drained_before_each_decode(monkeypatch):
+    """nvJPEG writes memory the current stream may still be reading (pytorch/vision#9606): each decode call on a CUDA
+    device (one per chunk) comes after a synchronisation of that stream (simulated: no GPU here); none on the CPU."""
+    import dinov2.data.gpu_augmentations as gpu_augmentations
+
+    events = []
+
+    class Stream:
+        def synchronize(self):
+            events.append("sync")
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: Stream())
+    monkeypatch.setattr(gpu_augmentations, "decode_jpeg", lambda data, **kwargs: events.append(len(data)) or data)
+    jpeg = torch.frombuffer(bytearray(_photo_jpeg(40, 30)), dtype=torch.uint8)
+    batch = {"encoded_images": [jpeg] * 5, "decoded_images": [None] * 5, "image_paths": ["p"] * 5}
+    render = GPUMultiCropAugmentation(torch.float16)
+    render.decode(batch, range(2), torch.device("cuda"))  # two chunks
+    render.decode(batch, range(2, 5), torch.device("cuda"))
+    assert events == ["sync", 2, "sync", 3]
+    events.clear()
+    render.decode(batch, range(2), torch.device("cpu"))
+    assert events == [2]
 
 
 def test_training_loader_rejects_datasets_without_encoded_images(monkeypatch):
