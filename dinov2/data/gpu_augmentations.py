@@ -21,6 +21,7 @@ As in the PIL paths, EXIF orientation is not applied (the stored pixel grid is c
 """
 
 import io
+import logging
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -36,6 +37,8 @@ from .datasets.extended import ImageDecodeError
 from .fast_crops import BLUR_KERNEL_SIZE, CropParams
 from .transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+logger = logging.getLogger("dinov2")
+
 JPEG_END_OF_IMAGE = b"\xff\xd9"
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale
 SOLARIZE_THRESHOLD = 128 / 255
@@ -49,14 +52,24 @@ class EncodedCropsTransform:
 
     def __init__(self, augmentation: DataAugmentationDINO) -> None:
         self.augmentation = augmentation
+        self.num_decoded_here = 0  # images decoded in this process instead of on the device (per worker)
 
     def __call__(self, image: EncodedImage) -> Dict[str, Any]:
         header = Image.open(io.BytesIO(image.data))
         crops = self.augmentation.sample_params(*header.size)
         encoded, pixels = None, None
-        if header.format == "JPEG" and header.mode in ("RGB", "L") and image.data.endswith(JPEG_END_OF_IMAGE):
+        # zero padding after the end-of-image marker is common and harmless; anything else goes the safe way
+        complete = image.data.rstrip(b"\x00").endswith(JPEG_END_OF_IMAGE)
+        if header.format == "JPEG" and header.mode in ("RGB", "L") and complete:
             encoded = torch.frombuffer(bytearray(image.data), dtype=torch.uint8)
         else:
+            if self.num_decoded_here == 0:
+                logger.info(
+                    "gpu_augmentation: %s (%s, mode %s%s) is decoded on the CPU; further such images of this "
+                    "worker are not logged", image.path, header.format, header.mode,
+                    "" if complete else ", no JPEG end-of-image marker",
+                )  # fmt: skip
+            self.num_decoded_here += 1
             pixels = torch.from_numpy(np.array(header.convert("RGB"))).permute(2, 0, 1).contiguous()
         return {"encoded": encoded, "pixels": pixels, "crops": crops, "path": image.path}
 

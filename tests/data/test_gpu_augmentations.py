@@ -72,10 +72,13 @@ def test_worker_transform_forwards_jpeg_bytes_and_decodes_other_formats():
 
     png = io.BytesIO()
     Image.open(io.BytesIO(jpeg)).save(png, "PNG")
-    truncated_tail = jpeg + b"trailing"  # valid JPEG with data after the end marker: decoded by PIL in the worker
-    for data in (png.getvalue(), truncated_tail):
+    trailing_data = jpeg + b"trailing"  # valid JPEG with data after the end marker: decoded by PIL in the worker
+    for data in (png.getvalue(), trailing_data):
         out = transform(EncodedImage(data, "/data/b"))
         assert out["encoded"] is None and out["pixels"].shape == (3, 90, 120) and out["pixels"].dtype == torch.uint8
+    assert transform.num_decoded_here == 2
+    padded = transform(EncodedImage(jpeg + bytes(64), "/data/c"))  # zero padding after the marker: still forwarded
+    assert padded["pixels"] is None and bytes(padded["encoded"].numpy()) == jpeg + bytes(64)
 
 
 def test_resized_crops_match_pil_bicubic():
