@@ -20,7 +20,11 @@ RESULTS=${RESULTS:-outputs/gpu_benchmarks.jsonl}
 PROFILE_DIR=${PROFILE_DIR:-outputs/profiles}
 EXTRA=${EXTRA:-}
 PEAK_TFLOPS=${PEAK_TFLOPS:-790}
-mkdir -p "$(dirname "$RESULTS")"
+WARMUP=${WARMUP:-10}  # the protocol; smaller values only for a smoke run
+ITERATIONS=${ITERATIONS:-50}
+RUNS=${RUNS:-2}
+PARITY_ITERATIONS=${PARITY_ITERATIONS:-20}
+mkdir -p outputs "$(dirname "$RESULTS")"
 export PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the package without `pip install -e .`
 
@@ -35,8 +39,8 @@ done
 ARCH_L16="student.arch=vit_large student.patch_size=16 crops.local_crops_size=96"
 ARCH_B14="student.arch=vit_base student.patch_size=14 crops.local_crops_size=98"
 ARCH_S14="student.arch=vit_small student.patch_size=14 crops.local_crops_size=98"
-TRAIN=(scripts/benchmark.py train --config-file dinov2/configs/train/vitl16_short.yaml --warmup 10 --iterations 50
-       --runs 2 --peak-tflops "$PEAK_TFLOPS")
+TRAIN=(scripts/benchmark.py train --config-file dinov2/configs/train/vitl16_short.yaml --warmup "$WARMUP"
+       --iterations "$ITERATIONS" --runs "$RUNS" --peak-tflops "$PEAK_TFLOPS")
 
 bench() {
   "$PYTHON" "$@" | tee -a "$RESULTS"
@@ -58,10 +62,12 @@ case "$STAGE" in
   train-s14) train_arch "$ARCH_S14" ;;
   parity)  # 20 iterations against fp32 without compile, from the same seed (exit code 1 beyond tolerance)
     # shellcheck disable=SC2086
-    bench scripts/benchmark.py parity --config-file dinov2/configs/train/vitl16_short.yaml --iterations 20 \
+    bench scripts/benchmark.py parity --config-file dinov2/configs/train/vitl16_short.yaml \
+      --iterations "$PARITY_ITERATIONS" \
       $ARCH_B14 train.compile=true $EXTRA
     # shellcheck disable=SC2086
-    bench scripts/benchmark.py parity --config-file dinov2/configs/train/vitl16_short.yaml --iterations 20 \
+    bench scripts/benchmark.py parity --config-file dinov2/configs/train/vitl16_short.yaml \
+      --iterations "$PARITY_ITERATIONS" \
       $ARCH_B14 $BF16 train.compile=true $EXTRA
     ;;
   extract)
@@ -82,15 +88,16 @@ case "$STAGE" in
       # shellcheck disable=SC2086
       "$PYTHON" dinov2/train/train.py --config-file dinov2/configs/train/vitl16_short.yaml --output-dir "$out" \
         --no-resume $ARCH_S14 "train.dataset_path=BBU:root=$data_root:split=TRAIN" train.num_workers=16 \
-        train.OFFICIAL_EPOCH_LENGTH=80 optim.epochs=1 train.checkpoint_period=100000 \
+        train.OFFICIAL_EPOCH_LENGTH=80 optim.epochs=1 optim.warmup_epochs=0 train.checkpoint_period=100000 \
         evaluation.eval_period_iterations=0 train.log_period=10 crops.gpu_augmentation=$gpu $EXTRA > "$out.log" 2>&1
       "$PYTHON" - "$out" "$gpu" <<'PY' | tee -a "$RESULTS"
 import json, statistics, sys
 rows = [json.loads(line) for line in open(sys.argv[1] + "/training_metrics.json")]
-times = [r["iter_time"] for r in rows if r["iteration"] >= 20]
+timed = [r for r in rows if r["iteration"] >= 20]
+batch = timed[0]["current_batch_size"]
 print(json.dumps({"benchmark": "e2e", "gpu_augmentation": sys.argv[2] == "true", "arch": "vit_small/14",
-                  "batch_size": 64, "logged_iterations": len(times),
-                  "images_per_s": round(64 / statistics.mean(times), 2)}))
+                  "batch_size": batch, "logged_iterations": len(timed),
+                  "images_per_s": round(batch / statistics.mean(r["iter_time"] for r in timed), 2)}))
 PY
     done
     ;;
