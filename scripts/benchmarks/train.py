@@ -206,7 +206,6 @@ def profile_iterations(step: Callable[[int], float], first_it: int, iterations: 
 
 def run(args: argparse.Namespace) -> List[Dict]:
     cfg = load_cfg(args.config_file, args.opts)
-    random.seed(int(cfg.train.seed))
     model, step, batches = build_training(cfg)
     device = model.device
     use_cuda = device.type == "cuda"
