@@ -235,6 +235,15 @@ def disable() -> None:
     _ENABLED = False
 
 
+def shutdown() -> None:
+    """Normal end of a distributed script: wait for every rank, then `disable()`. A process group left to interpreter
+    exit can abort the process in gloo's threads ("terminate called without an active exception") while another
+    rank is still using it."""
+    if is_enabled() and get_global_size() > 1:
+        dist.barrier()
+    disable()
+
+
 def is_enabled() -> bool:
     """True when a default process group exists (collectives can be issued)."""
     return dist.is_available() and dist.is_initialized()

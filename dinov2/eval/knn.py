@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import dinov2.distributed as distributed
 from dinov2.eval.features import FeatureSet, setup_feature_store
 from dinov2.eval.metrics import SELECTION_METRICS, selection_score
 from dinov2.eval.reports import evaluate_split, results_header, write_json_atomic, write_results
@@ -148,6 +149,7 @@ def run_eval_knn(args: argparse.Namespace) -> Optional[Dict[str, object]]:
 
 def main(args: argparse.Namespace) -> int:
     run_eval_knn(args)
+    distributed.shutdown()
     return 0
 
 

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import dinov2.distributed as distributed
 from dinov2.eval.features import FeatureSet, setup_feature_store
 from dinov2.eval.metrics import SELECTION_METRICS, selection_score
 from dinov2.eval.reports import evaluate_split, results_header, write_results
@@ -240,6 +241,7 @@ def run_eval_linear(args: argparse.Namespace) -> Optional[Dict[str, object]]:
 
 def main(args: argparse.Namespace) -> int:
     run_eval_linear(args)
+    distributed.shutdown()
     return 0
 
 

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from sklearn.linear_model import LogisticRegression
 
+import dinov2.distributed as distributed
 from dinov2.eval.features import FeatureSet, setup_feature_store
 from dinov2.eval.metrics import SELECTION_METRICS, selection_score
 from dinov2.eval.reports import evaluate_split, results_header, write_json_atomic, write_results
@@ -217,6 +218,7 @@ def run_eval_log_regression(args: argparse.Namespace) -> Optional[Dict[str, obje
 
 def main(args: argparse.Namespace) -> int:
     run_eval_log_regression(args)
+    distributed.shutdown()
     return 0
 
 

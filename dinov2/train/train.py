@@ -385,8 +385,11 @@ def main(args: argparse.Namespace) -> Optional[Dict[str, float]]:
         checkpointer = FSDPCheckpointer(model, save_dir=cfg.train.output_dir)
         iteration = checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=not args.no_resume).get("iteration", -1) + 1
         do_test(cfg, model, f"manual_{iteration}")
-        return None
-    return do_train(cfg, model, resume=not args.no_resume)
+        metrics = None
+    else:
+        metrics = do_train(cfg, model, resume=not args.no_resume)
+    distributed.shutdown()
+    return metrics
 
 
 if __name__ == "__main__":
