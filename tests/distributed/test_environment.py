@@ -124,3 +124,22 @@ def test_enable_single_process_gloo_and_disable(monkeypatch):
         distributed.disable()
     assert builtins.print is original_print and not distributed.is_enabled()
     assert not [key for key in TORCHRUN_ENV if key in distributed.os.environ]  # exported variables removed again
+
+
+def test_shutdown_waits_for_the_other_ranks_then_tears_down(monkeypatch):
+    for key in [*TORCHRUN_ENV, *SLURM_ENV]:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(distributed.torch.cuda, "is_available", lambda: False)
+    calls = []
+    distributed.enable(overwrite=True)
+    try:
+        real_barrier = distributed.dist.barrier
+        monkeypatch.setattr(distributed.dist, "barrier", lambda: calls.append(distributed.is_enabled()) or real_barrier())
+        monkeypatch.setattr(distributed, "get_global_size", lambda: 2)  # as if another rank were still running
+        distributed.shutdown()
+    finally:
+        distributed.disable()
+    assert calls == [True]  # the barrier ran while the process group was still up
+    assert not distributed.is_enabled() and not [key for key in TORCHRUN_ENV if key in distributed.os.environ]
+    distributed.shutdown()  # without a process group: nothing to wait for, no error
+    assert calls == [True]
