@@ -5,8 +5,22 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from .masking import MaskingGenerator
+
 # The iBOT mask entries of a training batch (`collate_masks`).
 MASK_KEYS = ("collated_masks", "mask_indices_list", "masks_weight", "upperbound", "n_masked_patches")
+
+
+def mask_args_from_cfg(cfg: Any) -> Dict[str, Any]:
+    """The iBOT mask arguments of the collate functions from a training config: ratios and probability from `ibot`,
+    the patch grid of the global crops, and a `MaskingGenerator` masking at most half of it."""
+    grid = cfg.crops.global_crops_size // cfg.student.patch_size
+    return dict(
+        mask_ratio_tuple=tuple(cfg.ibot.mask_ratio_min_max),
+        mask_probability=cfg.ibot.mask_sample_probability,
+        n_tokens=grid * grid,
+        mask_generator=MaskingGenerator(input_size=(grid, grid), max_num_patches=0.5 * grid * grid),
+    )
 
 
 def collate_data_and_cast(

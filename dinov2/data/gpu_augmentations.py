@@ -235,19 +235,27 @@ class GPUMultiCropAugmentation:
         except RuntimeError as e:
             raise ImageDecodeError(f"can not decode JPEG {batch['image_paths'][index]}: {e}") from e
 
+    @staticmethod
+    def _boxes_by_image(batch: Dict[str, Any], kind: str) -> Dict[int, List[Tuple[int, List[int]]]]:
+        """{sample index: [(output row, box), ...]} of the `kind` crops (the parameters are read once per batch)."""
+        boxes: Dict[int, List[Tuple[int, List[int]]]] = {}
+        owners, all_boxes = batch[f"{kind}_crop_image"].tolist(), batch[f"{kind}_crop_boxes"].tolist()
+        for row, (owner, box) in enumerate(zip(owners, all_boxes)):
+            boxes.setdefault(owner, []).append((row, box))
+        return boxes
+
+    @staticmethod
     def _resized_crops(
-        self, batch: Dict[str, Any], images: Dict[int, torch.Tensor], kind: str, out: torch.Tensor
+        images: Dict[int, torch.Tensor], boxes: Dict[int, List[Tuple[int, List[int]]]], out: torch.Tensor
     ) -> None:
-        """Bicubic (antialiased) resize of every box of the `images` into its row of `out` (0-255 scale, unclamped:
+        """Bicubic (antialiased) resize of the boxes of `images` into their rows of `out` (0-255 scale, unclamped:
         `__call__` clamps and rescales each crop size in one pass)."""
-        size = batch[f"{kind}_crop_size"]
-        owners = batch[f"{kind}_crop_image"].tolist()
-        for row, (owner, (left, top, right, bottom)) in enumerate(zip(owners, batch[f"{kind}_crop_boxes"].tolist())):
-            if owner not in images:
-                continue
-            region = images[owner][:, top:bottom, left:right].unsqueeze(0).float()
-            resized = F.interpolate(region, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
-            out[row] = resized[0]
+        size = out.shape[-1]
+        for owner, image in images.items():
+            for row, (left, top, right, bottom) in boxes.get(owner, ()):
+                region = image[:, top:bottom, left:right].unsqueeze(0).float()
+                out[row] = F.interpolate(region, size=(size, size), mode="bicubic", antialias=True,
+                                         align_corners=False)[0]  # fmt: skip
 
     def _colour(self, batch: Dict[str, Any], kind: str, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] == 0:  # no local crops
@@ -274,10 +282,11 @@ class GPUMultiCropAugmentation:
                               batch[f"{kind}_crop_size"], device=device)
             for kind in ("global", "local")
         }  # fmt: skip
+        boxes = {kind: self._boxes_by_image(batch, kind) for kind in outputs}
         for start in range(0, n_images, self.decode_batch_size):
             images = self.decode(batch, range(start, min(start + self.decode_batch_size, n_images)), device)
             for kind, out in outputs.items():
-                self._resized_crops(batch, images, kind, out)
+                self._resized_crops(images, boxes[kind], out)
             del images
         for out in outputs.values():
             out.clamp_(0, 255).div_(255)

@@ -25,8 +25,9 @@ from omegaconf import DictConfig
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 import dinov2.distributed as distributed
-from dinov2.data import MaskingGenerator, SamplerType, collate_data_and_cast, make_data_loader, make_dataset
+from dinov2.data import SamplerType, collate_data_and_cast, make_data_loader, make_dataset
 from dinov2.data.augmentations import make_augmentation_from_cfg
+from dinov2.data.collate import mask_args_from_cfg
 from dinov2.data.datasets.extended import ExtendedVisionDataset
 from dinov2.data.gpu_augmentations import EncodedCropsTransform, GPUMultiCropAugmentation, collate_encoded_crops
 from dinov2.fsdp import FSDPCheckpointer, PeriodicCheckpointer, is_fsdp
@@ -170,16 +171,7 @@ class BatchSeededCollate:
 def build_data_loader(cfg: DictConfig, start_iter: int, inputs_dtype: torch.dtype) -> torch.utils.data.DataLoader:
     """The SSL loader from `start_iter` on; with `crops.gpu_augmentation` its batches still need
     `GPUMultiCropAugmentation` (bytes and crop parameters instead of crops)."""
-    img_size = cfg.crops.global_crops_size
-    patch_size = cfg.student.patch_size
-    grid = img_size // patch_size
-    mask_generator = MaskingGenerator(input_size=(grid, grid), max_num_patches=0.5 * grid * grid)
-    mask_args = dict(
-        mask_ratio_tuple=tuple(cfg.ibot.mask_ratio_min_max),
-        mask_probability=cfg.ibot.mask_sample_probability,
-        n_tokens=grid * grid,
-        mask_generator=mask_generator,
-    )
+    mask_args = mask_args_from_cfg(cfg)
     transform: Callable = make_augmentation_from_cfg(cfg)
     if cfg.crops.gpu_augmentation:
         transform = EncodedCropsTransform(transform)

@@ -22,12 +22,13 @@ from typing import Any, Callable, Dict, List, Tuple
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image, ImageDraw
 
 from dinov2.configs import dinov2_default_config
-from dinov2.data import MaskingGenerator, SamplerType, make_data_loader, make_dataset
+from dinov2.data import SamplerType, make_data_loader, make_dataset
 from dinov2.data.augmentations import make_augmentation_from_cfg
+from dinov2.data.collate import mask_args_from_cfg
 from dinov2.data.gpu_augmentations import EncodedCropsTransform, GPUMultiCropAugmentation, collate_encoded_crops
 
 NUM_SYNTHETIC_IMAGES = 4
@@ -99,10 +100,7 @@ def _batch_steps(path: str, args: argparse.Namespace) -> Tuple[Callable, Callabl
     batch on the device and waits for it; the CPU paths stack the crops and finish at once."""
     if path != "gpu":
         return _stack_crops, lambda batch: None
-    grid = args.global_crops_size // args.patch_size
-    mask_generator = MaskingGenerator(input_size=(grid, grid), max_num_patches=0.5 * grid * grid)
-    collate = partial(collate_encoded_crops, mask_ratio_tuple=(0.1, 0.5), mask_probability=0.5,
-                      n_tokens=grid * grid, mask_generator=mask_generator)  # fmt: skip
+    collate = partial(collate_encoded_crops, **mask_args_from_cfg(_config(path, args)))
     device = torch.device(args.device)
     render = GPUMultiCropAugmentation(torch.float16 if device.type == "cuda" else torch.float32)
 
@@ -148,17 +146,21 @@ def _first_image_size(dataset) -> str:
     return f"{width}x{height}"
 
 
-def _make_transform(path: str, args: argparse.Namespace) -> Callable:
-    """The training transform (as `build_data_loader` makes it from the default config) with this run's crop
-    options."""
-    overrides = {
+def _config(path: str, args: argparse.Namespace) -> DictConfig:
+    """The default training config with this run's crop options and path (and patch size, for the iBOT masks)."""
+    crops = {
         "local_crops_number": args.local_crops_number,
         "global_crops_size": args.global_crops_size,
         "local_crops_size": args.local_crops_size,
         "fast_augmentation": path == "fast",
         "gpu_augmentation": path == "gpu",
     }
-    augmentation = make_augmentation_from_cfg(OmegaConf.merge(dinov2_default_config, {"crops": overrides}))
+    return OmegaConf.merge(dinov2_default_config, {"crops": crops, "student": {"patch_size": args.patch_size}})
+
+
+def _make_transform(path: str, args: argparse.Namespace) -> Callable:
+    """The training transform of `path`, as `build_data_loader` makes it."""
+    augmentation = make_augmentation_from_cfg(_config(path, args))
     return EncodedCropsTransform(augmentation) if path == "gpu" else augmentation
 
 

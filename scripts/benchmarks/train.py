@@ -33,7 +33,8 @@ from omegaconf import DictConfig
 from torch import nn
 
 import dinov2.distributed as distributed
-from dinov2.data import MaskingGenerator, collate_data_and_cast
+from dinov2.data import collate_data_and_cast
+from dinov2.data.collate import mask_args_from_cfg
 from dinov2.train.ssl_meta_arch import SSLMetaArch
 from dinov2.train.train import apply_optim_scheduler, build_optimizer, build_schedulers, input_dtype, optimizer_step
 from dinov2.utils.config import apply_scaling_rules_to_cfg, get_cfg_from_args
@@ -93,7 +94,6 @@ def iteration_flops(model: SSLMetaArch, cfg: DictConfig, batch: Dict) -> int:
 def synthetic_batch(cfg: DictConfig, dtype: torch.dtype, generator: torch.Generator) -> Dict:
     """A batch from `collate_data_and_cast` on random crops of the configured sizes (real iBOT masks)."""
     g, loc = cfg.crops.global_crops_size, cfg.crops.local_crops_size
-    grid = g // cfg.student.patch_size
     samples = []
     for _ in range(cfg.train.batch_size_per_gpu):
         crops = {
@@ -101,14 +101,7 @@ def synthetic_batch(cfg: DictConfig, dtype: torch.dtype, generator: torch.Genera
             "local_crops": [torch.randn(3, loc, loc, generator=generator) for _ in range(cfg.crops.local_crops_number)],
         }
         samples.append((crops, ()))
-    return collate_data_and_cast(
-        samples,
-        mask_ratio_tuple=tuple(cfg.ibot.mask_ratio_min_max),
-        mask_probability=cfg.ibot.mask_sample_probability,
-        dtype=dtype,
-        n_tokens=grid * grid,
-        mask_generator=MaskingGenerator(input_size=(grid, grid), max_num_patches=0.5 * grid * grid),
-    )
+    return collate_data_and_cast(samples, dtype=dtype, **mask_args_from_cfg(cfg))
 
 
 def synthetic_batches(cfg: DictConfig, dtype: torch.dtype, count: int = NUM_SYNTHETIC_BATCHES) -> List[Dict]:
