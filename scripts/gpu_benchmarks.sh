@@ -2,6 +2,8 @@
 # The GPU performance suite of the README's "Performance" section, one stage per call (each well under 10 minutes
 # on one H100). Every run prints one JSON line; the lines are also appended to $RESULTS (default
 # outputs/gpu_benchmarks.jsonl), so stages can be run one after another and compared afterwards.
+# A run that fails leaves a {"benchmark": "failed", ...} line instead and the stage goes on with its other runs;
+# the exit code is then 1.
 #
 #   bash scripts/gpu_benchmarks.sh train-l16 | train-b14 | train-s14 | parity | extract | data | e2e | profile | all
 #
@@ -42,8 +44,17 @@ ARCH_S14="student.arch=vit_small student.patch_size=14 crops.local_crops_size=98
 TRAIN=(scripts/benchmark.py train --config-file dinov2/configs/train/vitl16_short.yaml --warmup "$WARMUP"
        --iterations "$ITERATIONS" --runs "$RUNS" --peak-tflops "$PEAK_TFLOPS")
 
-bench() {
-  "$PYTHON" "$@" | tee -a "$RESULTS"
+FAILED=0
+failed() {  # $1: what failed, $2: its exit code. One JSON line in $RESULTS; the stage goes on with its next run
+  FAILED=$((FAILED + 1))
+  "$PYTHON" -c 'import json, sys; print(json.dumps({"benchmark": "failed", "run": sys.argv[1], "exit_code": int(sys.argv[2])}))' \
+    "$1" "$2" | tee -a "$RESULTS"
+}
+
+bench() {  # one benchmark run (its JSON line to $RESULTS); a failure is recorded, not fatal (device time is scarce)
+  local rc=0
+  "$PYTHON" "$@" | tee -a "$RESULTS" || rc=$?
+  [ "$rc" -eq 0 ] || failed "$*" "$rc"
 }
 
 train_arch() {  # $1: the arch overrides
@@ -86,10 +97,17 @@ case "$STAGE" in
     for gpu in false true; do
       out=outputs/e2e_gpu_augmentation_$gpu
       # shellcheck disable=SC2086
+      rc=0
       "$PYTHON" dinov2/train/train.py --config-file dinov2/configs/train/vitl16_short.yaml --output-dir "$out" \
         --no-resume $ARCH_S14 "train.dataset_path=BBU:root=$data_root:split=TRAIN" train.num_workers=16 \
         train.OFFICIAL_EPOCH_LENGTH=80 optim.epochs=1 optim.warmup_epochs=0 train.checkpoint_period=100000 \
-        evaluation.eval_period_iterations=0 train.log_period=10 crops.gpu_augmentation=$gpu $EXTRA > "$out.log" 2>&1
+        evaluation.eval_period_iterations=0 train.log_period=10 crops.gpu_augmentation=$gpu $EXTRA > "$out.log" 2>&1 \
+        || rc=$?
+      if [ "$rc" -ne 0 ]; then
+        tail -n 40 "$out.log" >&2
+        failed "e2e crops.gpu_augmentation=$gpu (log: $out.log)" "$rc"
+        continue
+      fi
       "$PYTHON" - "$out" "$gpu" <<'PY' | tee -a "$RESULTS"
 import json, statistics, sys
 rows = [json.loads(line) for line in open(sys.argv[1] + "/training_metrics.json")]
@@ -111,10 +129,14 @@ PY
     done
     ;;
   all)
-    for stage in train-l16 train-b14 train-s14 parity extract data e2e; do bash "$0" "$stage"; done
+    for stage in train-l16 train-b14 train-s14 parity extract data e2e; do bash "$0" "$stage" || FAILED=$((FAILED + 1)); done
     ;;
   *)
     echo "unknown stage '$STAGE': train-l16 | train-b14 | train-s14 | parity | extract | data | e2e | profile | all" >&2
     exit 2
     ;;
 esac
+if [ "$FAILED" -gt 0 ]; then
+  echo "gpu_benchmarks.sh $STAGE: $FAILED run(s) failed (see the \"failed\" lines in $RESULTS)" >&2
+  exit 1
+fi

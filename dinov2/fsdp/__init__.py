@@ -3,9 +3,9 @@
 CPU: torch's FSDP runs on CPU with gloo when `device_id=torch.device("cpu")`, but refuses
 `sync_module_states=True` there; the CPU wrapper therefore broadcasts parameters and buffers from rank 0 itself
 before wrapping (the same effect). The training maths is the same as on GPU.
-`ShardedGradScaler` is re-exported for fp16 training on GPU. Without CUDA, `ShardedGradScaler()` disables itself
-(with a warning); `ShardedGradScaler(device="cpu")` works but needs a process group (it all-reduces found-inf
-flags). With fp32 parameters on CPU the training code runs without a scaler.
+`ShardedGradScaler` (torch's, made usable with fused optimizers) is the grad scaler of fp16 training. Without CUDA,
+`ShardedGradScaler()` disables itself (with a warning); `ShardedGradScaler(device="cpu")` works but needs a process
+group (it all-reduces found-inf flags). With fp32 parameters on CPU the training code runs without a scaler.
 """
 
 import functools
@@ -18,7 +18,7 @@ from torch import nn
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from torch.distributed.fsdp import MixedPrecision, ShardingStrategy
 from torch.distributed.fsdp._runtime_utils import _reshard
-from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler as _TorchShardedGradScaler
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
 import dinov2.distributed as distributed
@@ -123,6 +123,19 @@ def reshard_fsdp_model(x: nn.Module) -> None:
     """Free all unsharded parameters of `x`'s FSDP units (the teacher after its no-grad forward, as upstream)."""
     for m in get_fsdp_modules(x):
         free_if_fsdp(m)
+
+
+class ShardedGradScaler(_TorchShardedGradScaler):
+    """torch's `ShardedGradScaler` whose `unscale_` leaves 0-dim found-inf flags.
+
+    torch's `unscale_` makes them shape (1,); a fused optimizer stepped through the scaler after `unscale_` (as
+    gradient clipping needs) then fails in its step counter update ("output with shape [] doesn't match the broadcast
+    shape [1]", pytorch/pytorch#140514). 0-dim flags are what the unsharded `GradScaler` produces."""
+
+    def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
+        super().unscale_(optimizer)
+        state = self._per_optimizer_states[id(optimizer)]
+        state["found_inf_per_device"] = {d: t.reshape(()) for d, t in state["found_inf_per_device"].items()}
 
 
 def rankstr() -> str:

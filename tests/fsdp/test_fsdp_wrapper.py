@@ -83,3 +83,44 @@ def test_sharded_grad_scaler_default_is_enabled_only_with_cuda():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "CUDA is not available. Disabling."
         assert ShardedGradScaler().is_enabled() == torch.cuda.is_available()
+
+
+def test_sharded_grad_scaler_with_fused_adamw_skips_inf_steps_and_matches_unscaled_steps():
+    """The training step's sequence (unscale_ for clipping, step, update) with fused AdamW, which torch's own
+    ShardedGradScaler breaks (pytorch/pytorch#140514): an inf gradient skips the step (parameters, moments and step
+    count unchanged) and halves the scale; a finite one gives exactly the step of an unscaled AdamW."""
+    distributed.enable()
+    try:
+        torch.manual_seed(0)
+        params = [nn.Parameter(torch.randn(4, 3)), nn.Parameter(torch.randn(3))]
+        reference = [nn.Parameter(p.detach().clone()) for p in params]
+        optimizer = torch.optim.AdamW(params, lr=0.1, fused=True)
+        reference_optimizer = torch.optim.AdamW(reference, lr=0.1, fused=True)
+        scaler = ShardedGradScaler(device="cpu", init_scale=1024.0)
+
+        def scaled_step(grads):
+            optimizer.zero_grad()
+            scaler.scale(sum((p * g).sum() for p, g in zip(params, grads))).backward()
+            scaler.unscale_(optimizer)
+            scaler.step(optimizer)
+            scaler.update()
+
+        grads = [torch.randn(4, 3), torch.randn(3)]
+        scaled_step(grads)
+        for p, g in zip(reference, grads):
+            p.grad = g.clone()
+        reference_optimizer.step()
+        torch.testing.assert_close(params, reference, rtol=0, atol=1e-6)
+        assert scaler.get_scale() == 1024.0
+
+        before = [p.detach().clone() for p in params]
+        moments = [optimizer.state[p]["exp_avg"].clone() for p in params]
+        bad = [torch.randn(4, 3), torch.randn(3)]
+        bad[1][0] = float("inf")
+        scaled_step(bad)
+        assert all(torch.equal(p.detach(), b) for p, b in zip(params, before))
+        assert all(torch.equal(optimizer.state[p]["exp_avg"], m) for p, m in zip(params, moments))
+        assert [optimizer.state[p]["step"].item() for p in params] == [1.0, 1.0]
+        assert scaler.get_scale() == 512.0
+    finally:
+        distributed.disable()
