@@ -294,7 +294,10 @@ class FSDPCheckpointer:
 
 class PeriodicCheckpointer:
     """Save `<prefix>_<iteration:07d>` when (iteration + 1) % period == 0 and `<prefix>_final` at max_iter - 1;
-    keep only the newest `max_to_keep` periodic checkpoints written by this object (fvcore semantics)."""
+    keep only the newest `max_to_keep` periodic checkpoints of this rank. Unlike fvcore, which counts only the files
+    its own process wrote, the periodic checkpoints already in `save_dir` (an earlier process of a run that crashed
+    or was preempted, then resumed) count too, oldest iteration first: otherwise every resume leaves up to
+    `max_to_keep` more files behind."""
 
     def __init__(
         self,
@@ -313,7 +316,16 @@ class PeriodicCheckpointer:
         self.max_iter = max_iter
         self.max_to_keep = max_to_keep
         self.file_prefix = file_prefix
-        self.recent_checkpoints: List[str] = []
+        self.recent_checkpoints: List[str] = self._existing_checkpoints() if max_to_keep is not None else []
+
+    def _existing_checkpoints(self) -> List[str]:
+        """This rank's periodic checkpoint files in `save_dir`, by iteration."""
+        directory = self.checkpointer.save_dir
+        if not directory or not os.path.isdir(directory):
+            return []
+        pattern = re.compile(rf"{re.escape(self.file_prefix)}_(\d{{7}})\.{_rankstr()}\.pth")
+        found = [(int(m.group(1)), name) for name in os.listdir(directory) if (m := pattern.fullmatch(name))]
+        return [os.path.join(directory, name) for _, name in sorted(found)]
 
     def step(self, iteration: int, **kwargs: Any) -> None:
         iteration = int(iteration)
@@ -322,7 +334,8 @@ class PeriodicCheckpointer:
             name = f"{self.file_prefix}_{iteration:07d}"
             self.checkpointer.save(name, **additional_state)
             if self.max_to_keep is not None:
-                self.recent_checkpoints.append(os.path.join(self.checkpointer.save_dir, f"{name}.{_rankstr()}.pth"))
+                path = os.path.join(self.checkpointer.save_dir, f"{name}.{_rankstr()}.pth")
+                self.recent_checkpoints = [p for p in self.recent_checkpoints if p != path] + [path]
                 while len(self.recent_checkpoints) > self.max_to_keep:
                     old = self.recent_checkpoints.pop(0)
                     if os.path.exists(old):

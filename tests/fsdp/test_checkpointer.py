@@ -132,6 +132,30 @@ def test_periodic_keeps_last_n_and_writes_final(tmp_path):
     assert torch.load(tmp_path / "model_final.rank_0.pth", weights_only=True)["iteration"] == 10
 
 
+def test_periodic_counts_the_checkpoints_of_an_earlier_process(tmp_path):
+    """A resumed run (a new process, a new PeriodicCheckpointer) prunes the periodic checkpoints the crashed process
+    left, oldest iteration first; other ranks' files, the final checkpoint and other prefixes stay."""
+    model, opt = build(0)
+    checkpointer = FSDPCheckpointer(model, str(tmp_path), optimizer=opt)
+    for it in range(9):
+        PeriodicCheckpointer(checkpointer, period=3, max_to_keep=2).step(it)  # one process per iteration
+    others = ["model_0000002.rank_1.pth", "model_final.rank_0.pth", "ema_0000002.rank_0.pth", "notes.txt"]
+    for name in others:
+        (tmp_path / name).write_text("")
+    assert sorted(f for f in os.listdir(tmp_path) if f.startswith("model_00")) == [
+        "model_0000002.rank_1.pth", "model_0000005.rank_0.pth", "model_0000008.rank_0.pth",
+    ]
+    resumed = PeriodicCheckpointer(checkpointer, period=3, max_to_keep=2)
+    resumed.step(8)  # the same iteration again (a crash between the save and the tag): one entry, nothing removed
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        ["last_checkpoint.rank_0", "model_0000005.rank_0.pth", "model_0000008.rank_0.pth", *others]
+    )
+    resumed.step(11)
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        ["last_checkpoint.rank_0", "model_0000008.rank_0.pth", "model_0000011.rank_0.pth", *others]
+    )
+
+
 def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     model, opt = build(0)
     checkpointer = FSDPCheckpointer(model, str(tmp_path), optimizer=opt)

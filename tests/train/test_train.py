@@ -10,6 +10,7 @@ from train_helpers import REPO, SAMPLE_CONFIG, read_metrics, run_training, tiny_
 
 from dinov2.loss import KoLeoLoss
 from dinov2.models import vision_transformer as vits
+from dinov2.train import ssl_meta_arch
 from dinov2.train.ssl_meta_arch import LOSS_KEYS, SSLMetaArch
 
 METRICS = ("total_loss",) + LOSS_KEYS
@@ -34,47 +35,72 @@ def test_loss_decreases_on_sample_data(tmp_path, sample_root):
         assert last < (0.8 if key == "total_loss" else 1.0) * first, (key, first, last)
 
 
+def _fp16_with_grad_scaler(monkeypatch) -> list:
+    """The CUDA default (fp16 FSDP mixed precision + ShardedGradScaler), switched on for the CPU."""
+    monkeypatch.setattr(ssl_meta_arch, "mixed_precision_enabled", lambda: True)
+    return ["compute_precision.grad_scaler=true"] + [
+        f"compute_precision.{side}.{module}.mixed_precision.param_dtype=fp16"
+        for side in ("student", "teacher") for module in ("backbone", "dino_head", "ibot_head")
+    ]  # fmt: skip
+
+
 @pytest.mark.parametrize(
-    "num_workers, gpu_augmentation", [(0, False), (2, False), (2, True)], ids=["in-process", "workers", "gpu-aug"]
+    "num_workers, gpu_augmentation, fp16",
+    [(0, False, False), (2, False, False), (2, True, False), (0, False, True)],
+    ids=["in-process", "workers", "gpu-aug", "fp16-scaler"],
 )
 def test_resumed_run_reproduces_uninterrupted_losses(tmp_path, sample_root, monkeypatch, num_workers,
-                                                     gpu_augmentation):
-    """8 iterations straight vs 4 + crash + resume + 4 (checkpoint every 4): identical losses (also with the crops
-    rendered by `crops.gpu_augmentation`, here on the CPU)."""
-    opts = tiny_opts(sample_root, train__num_workers=num_workers, crops__gpu_augmentation=gpu_augmentation)
+                                                     gpu_augmentation, fp16):
+    """N iterations straight vs a crash, a resume from the last checkpoint (every 4 iterations) and the rest:
+    identical losses and checkpoints. Also with the crops rendered by `crops.gpu_augmentation` (here on the CPU),
+    and with fp16 + grad scaler, where the run is longer: the scale halves at every overflowing step from 2^16 and
+    settles after about 12 iterations, so the crash comes after the optimizer has started stepping, and a scaler that
+    did not resume at its saved scale would skip the next steps again."""
+    epochs, crash_iteration = (4, 13) if fp16 else (2, 5)
+    iterations, resume_from = 4 * epochs, crash_iteration // 4 * 4 - 1
+    opts = tiny_opts(sample_root, train__num_workers=num_workers, crops__gpu_augmentation=gpu_augmentation,
+                     optim__epochs=epochs)
+    if fp16:
+        opts += _fp16_with_grad_scaler(monkeypatch)
     straight = str(tmp_path / "straight")
     run_training(straight, opts)
     expected = _losses_by_iteration(straight)
-    assert sorted(expected) == list(range(8))
+    assert sorted(expected) == list(range(iterations))
 
     resumed = str(tmp_path / "resumed")
     original = SSLMetaArch.forward_backward
     calls = {"n": 0}
 
-    def crash_at_iteration_5(self, images, teacher_temp):
+    def crash(self, images, teacher_temp):
         calls["n"] += 1
-        if calls["n"] == 6:
+        if calls["n"] == crash_iteration + 1:
             raise KeyboardInterrupt("simulated crash")
         return original(self, images, teacher_temp)
 
-    monkeypatch.setattr(SSLMetaArch, "forward_backward", crash_at_iteration_5)
+    monkeypatch.setattr(SSLMetaArch, "forward_backward", crash)
     with pytest.raises(KeyboardInterrupt):
         run_training(resumed, opts)
     monkeypatch.setattr(SSLMetaArch, "forward_backward", original)
-    assert open(os.path.join(resumed, "last_checkpoint.rank_0")).read().strip() == "model_0000003.rank_0.pth"
+    checkpoint = f"model_{resume_from:07d}.rank_0.pth"
+    assert open(os.path.join(resumed, "last_checkpoint.rank_0")).read().strip() == checkpoint
 
     run_training(resumed, opts)
     log = open(os.path.join(resumed, "logs", "log.txt")).read()
-    assert "Resumed training from checkpoint" in log and "model_0000003.rank_0.pth at iteration 3" in log
-    got = _losses_by_iteration(resumed)  # iterations 0-4 of the crashed run, then 4-7 of the resumed one
-    for iteration in range(8):
+    assert "Resumed training from checkpoint" in log and f"{checkpoint} at iteration {resume_from}" in log
+    got = _losses_by_iteration(resumed)  # the crashed run's iterations, then the resumed one's
+    for iteration in range(iterations):
         torch.testing.assert_close(
             torch.tensor(got[iteration]), torch.tensor(expected[iteration]), rtol=0, atol=1e-6,
             msg=f"iteration {iteration}",
         )
-    assert sorted(f for f in os.listdir(resumed) if f.endswith(".pth")) == [
-        "model_0000003.rank_0.pth", "model_0000007.rank_0.pth", "model_final.rank_0.pth",
-    ]
+    saved = sorted(f for f in os.listdir(resumed) if f.endswith(".pth"))
+    assert saved == sorted(f for f in os.listdir(straight) if f.endswith(".pth"))
+    assert saved[-2:] == [f"model_{iterations - 1:07d}.rank_0.pth", "model_final.rank_0.pth"]
+    if fp16:
+        scalers = [torch.load(os.path.join(run, "model_final.rank_0.pth"), weights_only=False)["scaler"]
+                   for run in (straight, resumed)]  # fmt: skip
+        assert scalers[0] == scalers[1]
+        assert scalers[0]["scale"] < 2.0**16 and scalers[0]["_growth_tracker"] >= 2  # backed off, then stepped
 
 
 def test_compile_and_activation_checkpointing_keep_the_training_losses(tmp_path, sample_root):
