@@ -5,7 +5,7 @@
 # A run that fails leaves a {"benchmark": "failed", ...} line instead and the stage goes on with its other runs;
 # the exit code is then 1.
 #
-#   bash scripts/gpu_benchmarks.sh train-l16 | train-b14 | train-s14 | parity | extract | data | e2e | profile | all
+#   bash scripts/gpu_benchmarks.sh train-l16 | train-b14 | train-s14 | parity | extract | data | e2e | profile | summary | all
 #
 # Training runs follow the protocol of the anchor (upstream DINOv2 on the same GPU): `vitl16_short.yaml` (batch
 # 64, 2 x 224 + 8 local crops of 96 px for patch 16 / 98 px for patch 14, 65536 prototypes, shared head, drop path
@@ -47,8 +47,8 @@ TRAIN=(scripts/benchmark.py train --config-file dinov2/configs/train/vitl16_shor
 FAILED=0
 failed() {  # $1: what failed, $2: its exit code. One JSON line in $RESULTS; the stage goes on with its next run
   FAILED=$((FAILED + 1))
-  "$PYTHON" -c 'import json, sys; print(json.dumps({"benchmark": "failed", "run": sys.argv[1], "exit_code": int(sys.argv[2])}))' \
-    "$1" "$2" | tee -a "$RESULTS"
+  "$PYTHON" -c 'import json, sys; print(json.dumps({"benchmark": "failed", "run": sys.argv[1],
+                                                    "exit_code": int(sys.argv[2])}))' "$1" "$2" | tee -a "$RESULTS"
 }
 
 bench() {  # one benchmark run (its JSON line to $RESULTS); a failure is recorded, not fatal (device time is scarce)
@@ -128,11 +128,14 @@ PY
       done
     done
     ;;
+  summary)  # the results so far as markdown tables against the anchor
+    "$PYTHON" scripts/benchmark.py summary --results "$RESULTS"
+    ;;
   all)
-    for stage in train-l16 train-b14 train-s14 parity extract data e2e; do bash "$0" "$stage" || FAILED=$((FAILED + 1)); done
+    for stage in train-l16 train-b14 train-s14 parity extract data e2e summary; do bash "$0" "$stage" || FAILED=$((FAILED + 1)); done
     ;;
   *)
-    echo "unknown stage '$STAGE': train-l16 | train-b14 | train-s14 | parity | extract | data | e2e | profile | all" >&2
+    echo "unknown stage '$STAGE': train-l16 | train-b14 | train-s14 | parity | extract | data | e2e | profile | summary | all" >&2
     exit 2
     ;;
 esac

@@ -235,6 +235,7 @@ def run(args: argparse.Namespace) -> List[Dict]:
         "device": torch.cuda.get_device_name(device) if use_cuda else f"cpu ({torch.get_num_threads()} threads)",
         "torch": torch.__version__,
         "arch": cfg.student.arch,
+        "patch_size": int(cfg.student.patch_size),
         "batch_size": b,
         "crops": f"2x{cfg.crops.global_crops_size} + {cfg.crops.local_crops_number}x{cfg.crops.local_crops_size}",
         "dtype": str(input_dtype(cfg)).replace("torch.", ""),

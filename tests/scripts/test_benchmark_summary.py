@@ -1,0 +1,73 @@
+"""scripts/benchmarks/summary.py: the GPU suite's JSON lines as tables against the upstream anchor."""
+
+import importlib
+import json
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
+
+
+@pytest.fixture
+def summary(monkeypatch):
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    return importlib.import_module("benchmarks.summary")
+
+
+def train_record(**changes):
+    record = {
+        "benchmark": "train", "arch": "vit_large", "patch_size": 16, "batch_size": 64, "crops": "2x224 + 8x96",
+        "dtype": "float16", "grad_scaler": True, "compile": True, "warmup": 10, "iterations": 50, "runs": 2,
+        "images_per_s_runs": [300.0, 310.0], "images_per_s_mean": 305.0, "mfu": 0.59, "peak_memory_gib": 35.0,
+    }  # fmt: skip
+    record.update(changes)
+    return record
+
+
+def test_train_rows_check_speed_and_memory_only_for_the_anchor_protocol(summary):
+    records = [
+        train_record(),  # 305 / 221.9 = 1.37x >= 1.25x; 35 GiB = 37.6 GB <= 39.7
+        train_record(peak_memory_gib=37.5),  # 40.3 GB > 39.7 GB (though 37.5 GiB < 39.7)
+        train_record(dtype="bfloat16", grad_scaler=False),  # reported beside, no target
+        train_record(warmup=1, runs=1),  # a smoke run: not the protocol
+        train_record(arch="vit_small", patch_size=14, crops="2x224 + 8x98", images_per_s_mean=700.0, compile=False,
+                     images_per_s_runs=[700.0, 700.0], peak_memory_gib=None, mfu=None),  # 1.72x < 2x
+    ]  # fmt: skip
+    rows = summary.train_rows(records)
+    assert rows[0] == ["vit_large/16", "float16 + scaler", "yes", "yes", "305.0 (300.0, 310.0)",
+                       "1.37× (target 1.25×)", "yes", "0.590", "37.6 GB (35.0 GiB)", "yes"]  # fmt: skip
+    assert rows[1][-2:] == ["40.3 GB (37.5 GiB)", "**no**"]
+    assert rows[2][1] == "bfloat16" and rows[2][5:7] == ["1.37× (target 1.25×)", "—"] and rows[2][-1] == "—"
+    assert rows[3][3] == "no" and rows[3][6] == "—" and rows[3][-1] == "—"
+    assert rows[4] == ["vit_small/14", "float16 + scaler", "no", "yes", "700.0 (700.0, 700.0)",
+                       "1.72× (target 2.0×)", "**no**", "—", "—", "—"]  # fmt: skip
+
+
+def test_render_reads_every_kind_and_names_a_malformed_line(summary, tmp_path):
+    records = [
+        train_record(),
+        {"benchmark": "extract", "arch": "vit_large", "patch_size": 14, "img_size": 224, "dtype": "bf16",
+         "batch_size": 256, "compile": True, "images_per_s": 3100.0},
+        {"benchmark": "data", "dataset": "synthetic", "image_size": "4000x3000", "path": "gpu", "device": "cuda",
+         "num_workers": 16, "samples_per_s": 130.0},
+        {"benchmark": "parity", "overrides": ["train.compile=true"], "iterations": 20, "within_tolerance": True,
+         "rtol": 0.02, "atol": 0.01, "max_abs_diff": {"total_loss": 0.004, "koleo_loss": 0.0021}},
+        {"benchmark": "e2e", "arch": "vit_small/14", "batch_size": 64, "gpu_augmentation": True,
+         "logged_iterations": 6, "images_per_s": 512.345},
+        {"benchmark": "failed", "run": "scripts/benchmark.py extract --compile", "exit_code": 1},
+    ]  # fmt: skip
+    path = tmp_path / "results.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n\n")
+    assert summary.read_records(str(path)) == records
+    text = summary.render(records)
+    assert "| vit_large/14 224 | bf16 | 256 | yes | 3100.0 | 1.53× (target 1.5×) | yes |" in text
+    assert "| 4000x3000 | gpu | cuda | 16 | 130.0 | 26 (5.00×) |" in text
+    assert ("parity (train.compile=true), 20 iterations: within tolerance yes (rtol 0.02, atol 0.01); "
+            "max |diff|: total_loss 0.004, koleo_loss 0.0021") in text  # fmt: skip
+    assert "e2e vit_small/14 batch 64, gpu_augmentation=True: 512.3 images/s over 6 logged iterations" in text
+    assert text.endswith("FAILED (exit code 1): scripts/benchmark.py extract --compile")
+
+    path.write_text(json.dumps(records[0]) + "\n{not json\n")
+    with pytest.raises(ValueError, match=r"results\.jsonl:2: not a JSON line"):
+        summary.read_records(str(path))
