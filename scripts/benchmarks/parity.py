@@ -6,9 +6,15 @@ every FSDP mixed-precision dtype set to fp32, no grad scaler, TF32 off, `train.c
 `train.activation_checkpointing=false`. When the fast run compiles, inductor is told to draw random numbers as eager
 does (`fallback_random`), so that both runs drop the same samples in stochastic depth.
 
-The record lists both loss curves and, per loss term, the largest |fast - reference| over the iterations; the run
-passes when that is at most `--atol + --rtol * |reference|` at every iteration (`scripts/benchmark.py` exits with 1
-otherwise, so scripts can gate on it). Mixed precision makes single iterations differ by ~1e-3 relative; the defaults allow that drift.
+Mixed precision alone moves the losses: on an untrained model most of all KoLeo, -log of the distances between
+almost equal class tokens. When the fast run uses speed switches (`train.compile`, `train.activation_checkpointing`),
+a third run measures that: the fast config's precision without the switches, i.e. upstream's maths in mixed
+precision. The allowance of a loss term is then `--mp-factor` x its largest |mixed - reference| over the run.
+
+The record lists the loss curves and, per term, the largest |fast - reference|, |mixed - reference| and
+|fast - mixed| over the iterations; the run passes when |fast - reference| is at most
+`--atol + --rtol * |reference| + allowance` at every iteration (`scripts/benchmark.py` exits with 1 otherwise, so
+scripts can gate on it). Without speed switches the allowance is 0: the check is then that of plain tolerances.
 """
 
 import argparse
@@ -31,6 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--iterations", type=int, default=20, help="training iterations compared")
     parser.add_argument("--rtol", type=float, default=0.02, help="relative tolerance per loss term")
     parser.add_argument("--atol", type=float, default=0.01, help="absolute tolerance per loss term")
+    parser.add_argument("--mp-factor", type=float, default=2.0,
+                        help="allowance = this x the drift of mixed precision alone (with speed switches on)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides key=value (the fast path)")
 
 
@@ -42,6 +50,14 @@ def reference_cfg(cfg: DictConfig) -> DictConfig:
     ref.train.compile = False
     ref.train.activation_checkpointing = False
     return ref
+
+
+def mixed_cfg(cfg: DictConfig) -> DictConfig:
+    """`cfg` without the speed switches: its precision, upstream's maths."""
+    mixed = copy.deepcopy(cfg)
+    mixed.train.compile = False
+    mixed.train.activation_checkpointing = False
+    return mixed
 
 
 @contextlib.contextmanager
@@ -73,15 +89,29 @@ def loss_curve(cfg: DictConfig, iterations: int, reference: bool) -> List[List[f
     return curve
 
 
+def _max_abs_diff(a: List[List[float]], b: List[List[float]]) -> Dict[str, float]:
+    return {key: max(abs(x[j] - y[j]) for x, y in zip(a, b)) for j, key in enumerate(METRIC_KEYS)}
+
+
 def run(args: argparse.Namespace) -> List[Dict]:
     cfg = load_cfg(args.config_file, args.opts)
     reference = loss_curve(reference_cfg(cfg), args.iterations, reference=True)
     fast = loss_curve(cfg, args.iterations, reference=False)
-    max_abs, within = {}, True
-    for j, key in enumerate(METRIC_KEYS):
-        diffs = [abs(f[j] - r[j]) for f, r in zip(fast, reference)]
-        max_abs[key] = max(diffs)
-        within &= all(d <= args.atol + args.rtol * abs(r[j]) for d, r in zip(diffs, reference))
+    switches = bool(cfg.train.compile or cfg.train.activation_checkpointing)
+    mixed = loss_curve(mixed_cfg(cfg), args.iterations, reference=False) if switches else None
+    max_abs = _max_abs_diff(fast, reference)
+    allowance = {key: 0.0 for key in METRIC_KEYS}
+    record_mixed = {}
+    if mixed is not None:
+        drift = _max_abs_diff(mixed, reference)
+        allowance = {key: args.mp_factor * d for key, d in drift.items()}
+        record_mixed = {"mixed": mixed, "mixed_max_abs_diff": drift,
+                        "fast_vs_mixed_max_abs_diff": _max_abs_diff(fast, mixed)}  # fmt: skip
+    within = all(
+        abs(f[j] - r[j]) <= args.atol + args.rtol * abs(r[j]) + allowance[key]
+        for j, key in enumerate(METRIC_KEYS)
+        for f, r in zip(fast, reference)
+    )
     record = {
         "benchmark": "parity",
         "config": args.config_file,
@@ -92,9 +122,12 @@ def run(args: argparse.Namespace) -> List[Dict]:
         "keys": list(METRIC_KEYS),
         "reference": reference,
         "fast": fast,
+        **record_mixed,
         "max_abs_diff": max_abs,
         "rtol": args.rtol,
         "atol": args.atol,
+        "mp_factor": args.mp_factor,
+        "allowance": allowance,
         "within_tolerance": within,
     }
     return [record]

@@ -135,8 +135,12 @@ def render(records: List[Dict]) -> str:
     for r in by_kind.get("parity", []):
         diffs = ", ".join(f"{k} {v:.2g}" for k, v in r["max_abs_diff"].items())
         tolerance = f"{_check(r['within_tolerance'])} (rtol {r['rtol']}, atol {r['atol']})"
-        parts.append(f"parity ({' '.join(r['overrides'])}), {r['iterations']} iterations: within tolerance "
-                     f"{tolerance}; max |diff|: {diffs}")  # fmt: skip
+        line = f"parity ({' '.join(r['overrides'])}), {r['iterations']} iterations: within tolerance {tolerance}; "
+        line += f"max |fast - fp32|: {diffs}"
+        if "mixed_max_abs_diff" in r:
+            drift = ", ".join(f"{k} {v:.2g}" for k, v in r["mixed_max_abs_diff"].items())
+            line += f"; mixed precision alone (x{r['mp_factor']} allowed on top): {drift}"
+        parts.append(line)
     for r in by_kind.get("e2e", []):
         parts.append(f"e2e {r['arch']} batch {r['batch_size']}, gpu_augmentation={r['gpu_augmentation']}: "
                      f"{r['images_per_s']:.1f} images/s over {r['logged_iterations']} logged iterations")  # fmt: skip

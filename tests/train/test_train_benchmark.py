@@ -83,7 +83,9 @@ def test_parity_of_compiled_checkpointed_training_with_the_reference(benchmarks)
                           "train.compile_backend=aot_eager", "train.activation_checkpointing=true"])
     (record,) = parity.run(args)
     assert record["within_tolerance"] is True and record["keys"][0] == "total_loss"
-    assert len(record["reference"]) == len(record["fast"]) == 2
+    assert len(record["reference"]) == len(record["fast"]) == len(record["mixed"]) == 2
+    assert record["mixed"] == record["reference"]  # fp32 on the CPU: without the switches, the reference itself
+    assert set(record["allowance"].values()) == {0.0}
     assert all(math.isfinite(v) and v != 0 for row in record["reference"] for v in row[:2])
     assert max(record["max_abs_diff"].values()) <= 1e-6
     assert record["reference"][0] != record["reference"][1]  # the second iteration saw updated weights
@@ -104,6 +106,35 @@ def test_parity_failure_is_reported_and_sets_the_exit_code(benchmarks, monkeypat
     assert benchmark.main(["parity", "--config-file", SAMPLE_CONFIG, "--iterations", "2", "--rtol", "1.0"]) == 0
 
 
+def test_parity_allowance_is_the_drift_of_mixed_precision_alone(benchmarks, monkeypatch):
+    """With speed switches on, a loss term may differ from fp32 by the tolerance plus `--mp-factor` x the largest
+    difference of the same precision without the switches; a term that mixed precision leaves alone gets nothing."""
+    _, parity = benchmarks
+    reference = [[1.0, 0.5, 0.2, 0.1, 0.2], [0.9, 0.5, 0.2, 0.1, 0.1]]
+    mixed = [[1.05, 0.5, 0.2, 0.15, 0.2], [0.95, 0.5, 0.2, 0.15, 0.1]]  # KoLeo (and the total) drift by 0.05
+    fast = [[1.08, 0.5, 0.2, 0.18, 0.2], [0.98, 0.5, 0.2, 0.18, 0.1]]
+    curves = {"reference": reference, "mixed": mixed, "fast": fast}
+
+    def loss_curve(cfg, iterations, reference):
+        return curves["reference" if reference else "fast" if cfg.train.compile else "mixed"]
+
+    monkeypatch.setattr(parity, "loss_curve", loss_curve)
+    argv = ["--config-file", SAMPLE_CONFIG, "--iterations", "2", "--rtol", "0.02", "--atol", "0.01",
+            "train.compile=true"]  # fmt: skip
+    (record,) = parity.run(_args(parity, argv))
+    assert record["mixed_max_abs_diff"] == pytest.approx({"total_loss": 0.05, "dino_local_crops_loss": 0.0,
+                                                          "dino_global_crops_loss": 0.0, "koleo_loss": 0.05,
+                                                          "ibot_loss": 0.0})  # fmt: skip
+    assert record["allowance"]["koleo_loss"] == pytest.approx(0.1) and record["allowance"]["ibot_loss"] == 0.0
+    assert record["fast_vs_mixed_max_abs_diff"]["koleo_loss"] == pytest.approx(0.03)
+    assert record["within_tolerance"] is True  # 0.08 <= 0.01 + 0.02 * 0.1 + 0.1
+    (record,) = parity.run(_args(parity, ["--mp-factor", "1", *argv]))
+    assert record["within_tolerance"] is False  # 0.08 > 0.01 + 0.002 + 0.05
+    fast[1][4] = 0.13  # iBOT moves where mixed precision alone did not: beyond 0.01 + 0.02 * 0.1
+    (record,) = parity.run(_args(parity, argv))
+    assert record["within_tolerance"] is False
+
+
 def _precision(dtype: str, grad_scaler: bool) -> list:
     """Overrides setting every FSDP param/reduce dtype (bbu_sample.yaml is fp32) and the grad scaler."""
     return [f"compute_precision.grad_scaler={str(grad_scaler).lower()}"] + [
@@ -117,7 +148,8 @@ def _precision(dtype: str, grad_scaler: bool) -> list:
 def test_mixed_precision_fsdp_path_on_cpu(benchmarks, monkeypatch, precision):
     """The CUDA precision plumbing, run on the CPU (which normally forces fp32): crops in the param dtype, FSDP
     fp16 + ShardedGradScaler (the default config) or bf16 without a scaler. The losses stay within mixed-precision
-    distance of the fp32 reference and differ from it, which shows that the low-precision path really ran."""
+    distance of the fp32 reference and differ from it, which shows that the low-precision path really ran; compiled
+    (aot_eager) and checkpointed blocks give exactly the losses of the plain mixed-precision run."""
     import dinov2.train.ssl_meta_arch as ssl_meta_arch
 
     train_bench, parity = benchmarks
@@ -133,10 +165,13 @@ def test_mixed_precision_fsdp_path_on_cpu(benchmarks, monkeypatch, precision):
     if precision == "fp16":
         assert model.fp16_scaler.get_scale() in (65536.0, 32768.0)  # stepped (or backed off once)
 
-    # a long warm-up as in real configs: the first fp16 steps are skipped by the scaler while its scale settles
+    # a long warm-up as in real configs: the first fp16 steps are skipped by the scaler while its scale settles;
+    # with the speed switches, which must not change the mixed-precision maths either
     slow_warmup = ["train.OFFICIAL_EPOCH_LENGTH=1000"]
-    args = _args(parity, ["--config-file", SAMPLE_CONFIG, "--iterations", "3", *overrides, *slow_warmup])
+    switches = ["train.compile=true", "train.compile_backend=aot_eager", "train.activation_checkpointing=true"]
+    args = _args(parity, ["--config-file", SAMPLE_CONFIG, "--iterations", "3", *overrides, *slow_warmup, *switches])
     (record,) = parity.run(args)
+    assert record["fast"] == record["mixed"] and record["within_tolerance"] is True
     for reference, fast in zip(record["reference"], record["fast"]):
         assert all(math.isfinite(v) for v in fast)
         assert fast[0] == pytest.approx(reference[0], rel=0.03)  # total loss
