@@ -126,16 +126,20 @@ def reshard_fsdp_model(x: nn.Module) -> None:
 
 
 class ShardedGradScaler(_TorchShardedGradScaler):
-    """torch's `ShardedGradScaler` whose `unscale_` leaves 0-dim found-inf flags.
+    """torch's `ShardedGradScaler` whose `unscale_` leaves 0-dim found-inf flags of 0 or 1, as a fused optimizer
+    stepped through the scaler after `unscale_` (as gradient clipping needs) requires.
 
-    torch's `unscale_` makes them shape (1,); a fused optimizer stepped through the scaler after `unscale_` (as
-    gradient clipping needs) then fails in its step counter update ("output with shape [] doesn't match the broadcast
-    shape [1]", pytorch/pytorch#140514). 0-dim flags are what the unsharded `GradScaler` produces."""
+    torch's flags have shape (1,), and the fused step then fails in its step-counter update ("output with shape []
+    doesn't match the broadcast shape [1]", pytorch/pytorch#140514). They are also summed over the ranks, so with
+    several ranks that all overflow the flag is the number of ranks, and the fused kernel, which skips the update only
+    for a flag of exactly 1, applies the inf gradients: the parameters become NaN at the first fp16 overflow. The
+    non-fused optimizers test the flag for non-zero on the host, which hid both."""
 
     def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
         super().unscale_(optimizer)
         state = self._per_optimizer_states[id(optimizer)]
-        state["found_inf_per_device"] = {d: t.reshape(()) for d, t in state["found_inf_per_device"].items()}
+        flags = state["found_inf_per_device"]
+        state["found_inf_per_device"] = {device: flag.reshape(()).clamp(max=1.0) for device, flag in flags.items()}
 
 
 def rankstr() -> str:

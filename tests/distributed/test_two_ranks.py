@@ -14,6 +14,7 @@ import dinov2.distributed as distributed
 from dinov2.fsdp import (
     FSDPCheckpointer,
     PeriodicCheckpointer,
+    ShardedGradScaler,
     get_fsdp_modules,
     get_fsdp_wrapper,
     is_fsdp,
@@ -137,6 +138,25 @@ def worker(rank, world_size, port, out_dir, one_rank_ckpt):
     sgd.step()
     res["fsdp_after_step"] = full_state(net)
 
+    # --- fp16 overflow with fused AdamW on sharded ranks: the step is skipped whether one or both ranks overflow ---
+    torch.manual_seed(200)
+    net = get_fsdp_wrapper(fsdp_cfg("FULL_SHARD"), {Block})(Net())
+    adamw = torch.optim.AdamW(net.parameters(), lr=0.1, fused=True)
+    scaler = ShardedGradScaler(device="cpu", init_scale=1024.0)
+    res["fused_skips"] = []
+    for overflowing_ranks in ((0, 1), (1,), ()):
+        before = full_state(net)
+        x = batches()[0][sl] * (float("inf") if rank in overflowing_ranks else 1.0)
+        scaler.scale(net(x).pow(2).mean()).backward()
+        scaler.unscale_(adamw)
+        scaler.step(adamw)
+        scaler.update()
+        adamw.zero_grad(set_to_none=True)
+        after = full_state(net)
+        unchanged = all(torch.equal(before[k], after[k]) for k in before)
+        finite = all(torch.isfinite(v).all() for v in after.values())
+        res["fused_skips"].append((unchanged, finite, scaler.get_scale()))
+
     # --- teacher resharding: unsharded parameters freed after a no-grad forward, outputs unchanged ----------------
     teacher = get_fsdp_wrapper(fsdp_cfg("SHARD_GRAD_OP"), {Block})(Net())
     units = [m for m in get_fsdp_modules(teacher) if m._handle is not None]
@@ -234,6 +254,14 @@ def test_fsdp_step_equals_single_process_step_on_concatenated_batch(results):
     assert per_rank[0]["fsdp_units"] == 3  # two Blocks + the root
     for key, value in net.state_dict().items():
         torch.testing.assert_close(per_rank[0]["fsdp_after_step"][key], value, rtol=1e-6, atol=1e-7)
+
+
+def test_fp16_overflow_skips_the_fused_step_on_every_rank(results):
+    """Both ranks overflow, then one: the step is skipped everywhere and the scale halves each time; then a finite
+    step updates the parameters."""
+    per_rank, _, _ = results
+    for r in per_rank:
+        assert r["fused_skips"] == [(True, True, 512.0), (True, True, 256.0), (False, True, 256.0)]
 
 
 def test_reshard_frees_unsharded_parameters(results):
