@@ -149,14 +149,16 @@ class FSDPCheckpointer:
         return self._for_rank(os.path.join(directory, basename))
 
     def _resolve(self, path: str) -> str:
-        """A checkpoint directory -> its newest checkpoint; a `.pth` file -> the same name for this rank."""
+        """A checkpoint directory -> its newest checkpoint; a `.pth` file -> the same name for this rank. That file
+        may not exist (resuming on more ranks than wrote the checkpoint): `load` then reads rank 0's."""
         if os.path.isdir(path):
             return self._checkpoint_file_in(path)
-        if not os.path.exists(path):
+        has_rank = _RANK_PATTERN.search(os.path.basename(path)) is not None
+        if not os.path.exists(path) and not (has_rank and os.path.exists(self._for_rank(path, 0))):
             raise FileNotFoundError(
                 f"Checkpoint {path} does not exist (expected a checkpoint directory or a <name>.rank_<r>.pth file)"
             )
-        return self._for_rank(path)  # may not exist when resuming on more ranks: `load` then uses rank 0's file
+        return self._for_rank(path)
 
     # ---- save --------------------------------------------------------------------------------------------------
     def _gather_states(self):
@@ -287,8 +289,9 @@ class FSDPCheckpointer:
                 self.load(path, checkpointables=[])
                 logger.info(f"Loaded model weights from {path} (no resume: optimizer and iteration start fresh)")
             return {}
-        extra = self.load(source)
-        logger.info(f"Resumed training from checkpoint {source} at iteration {extra.get('iteration')}")
+        extra = self.load(source)  # logs the file this rank read
+        checkpoint = self._for_rank(source, 0)  # named by rank 0's file on every rank
+        logger.info(f"Resumed training from checkpoint {checkpoint} at iteration {extra.get('iteration')}")
         return extra
 
 

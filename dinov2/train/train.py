@@ -305,7 +305,7 @@ def do_train(cfg: DictConfig, model: SSLMetaArch, resume: bool = False) -> Dict[
     checkpointer = FSDPCheckpointer(
         model, cfg.train.output_dir, optimizer=optimizer, save_to_disk=True, **checkpointables
     )
-    # resuming logs "Resumed training from checkpoint <file> at iteration <last saved iteration>" on every rank
+    # resuming logs "Resumed training from checkpoint <rank 0 file> at iteration <last saved iteration>" on every rank
     start_iter = checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=resume).get("iteration", -1) + 1
     periodic_checkpointer = PeriodicCheckpointer(
         checkpointer, period=checkpoint_period, max_iter=max_iter, max_to_keep=cfg.train.max_to_keep

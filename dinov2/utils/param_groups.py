@@ -69,8 +69,10 @@ def get_params_groups_with_decay(
     """One group per trainable parameter: `{"params", "name", "lr_multiplier", "wd_multiplier", "is_last_layer"}`.
 
     `model` is a backbone (layer-wise decay over its blocks), a `ModuleDict` holding a `backbone`, or a head
-    (multiplier 1). Patch-embed parameters get an extra `patch_embed_lr_mult`; biases, norms, LayerScale gammas
-    and other 1-D parameters get no weight decay; names containing `last_layer` are flagged `is_last_layer`.
+    (multiplier 1). Patch-embed parameters get an extra `patch_embed_lr_mult`; biases, norms and LayerScale gammas
+    get no weight decay; names containing `last_layer` are flagged `is_last_layer`. The rules read names only, as
+    upstream's do: under sharded FSDP (`use_orig_params=True`) every parameter is a 1-D view of its shard, so a rule
+    on `ndim` would take weight decay away from every weight of a multi-GPU run.
     """
     num_layers, chunked_blocks = _backbone_layout(model)
     force_is_backbone = num_layers > 0
@@ -82,7 +84,7 @@ def get_params_groups_with_decay(
         lr_multiplier = get_vit_lr_decay_rate(name, lr_decay_rate, num_layers, force_is_backbone, chunked_blocks)
         if "patch_embed" in name:
             lr_multiplier *= patch_embed_lr_mult
-        no_decay = name.endswith(".bias") or "norm" in name or "gamma" in name or param.ndim <= 1
+        no_decay = name.endswith(".bias") or "norm" in name or "gamma" in name
         groups.append(
             {
                 "params": param,

@@ -22,6 +22,7 @@ from dinov2.fsdp import (
     reshard_fsdp_model,
 )
 from dinov2.loss import DINOLoss, iBOTPatchLoss
+from dinov2.utils.param_groups import get_params_groups_with_decay
 
 WORLD = 2
 K = 5
@@ -137,6 +138,11 @@ def worker(rank, world_size, port, out_dir, one_rank_ckpt):
     net(batches()[0][sl]).pow(2).mean().backward()
     sgd.step()
     res["fsdp_after_step"] = full_state(net)
+
+    # --- optimizer groups of a sharded model (its parameters are 1-D views of the shards) --------------------------
+    sharded = get_fsdp_wrapper(fsdp_cfg("FULL_SHARD"), {Block})(Net())
+    res["param_groups"] = {g["name"]: (g["wd_multiplier"], g["lr_multiplier"]) for g in
+                           get_params_groups_with_decay(sharded, lr_decay_rate=0.5)}  # fmt: skip
 
     # --- fp16 overflow with fused AdamW on sharded ranks: the step is skipped whether one or both ranks overflow ---
     torch.manual_seed(200)
@@ -254,6 +260,16 @@ def test_fsdp_step_equals_single_process_step_on_concatenated_batch(results):
     assert per_rank[0]["fsdp_units"] == 3  # two Blocks + the root
     for key, value in net.state_dict().items():
         torch.testing.assert_close(per_rank[0]["fsdp_after_step"][key], value, rtol=1e-6, atol=1e-7)
+
+
+def test_sharded_parameters_get_the_groups_of_the_plain_model(results):
+    """Weight decay and lr multipliers follow the parameter names, not the flattened shards FSDP exposes."""
+    per_rank, _, _ = results
+    expected = {g["name"]: (g["wd_multiplier"], g["lr_multiplier"])
+                for g in get_params_groups_with_decay(Net(), lr_decay_rate=0.5)}  # fmt: skip
+    assert expected["blocks.0.fc.weight"][0] == 1.0 and expected["head.bias"][0] == 0.0
+    for r in per_rank:
+        assert r["param_groups"] == expected
 
 
 def test_fp16_overflow_skips_the_fused_step_on_every_rank(results):

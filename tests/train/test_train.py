@@ -210,24 +210,38 @@ def _run_torchrun(cmd, env):
         pytest.fail(f"torchrun exited with {result.returncode}:\n{output[-6000:]}")
 
 
-def test_two_process_torchrun_saves_and_resumes(tmp_path, sample_root):
+def _weight_decay_by_group(checkpoint):
+    groups = torch.load(checkpoint, weights_only=True)["optimizer"]["param_groups"]
+    return sorted((g["wd_multiplier"], len(g["params"])) for g in groups)
+
+
+def test_two_process_torchrun_saves_and_resumes_on_other_world_sizes(tmp_path, sample_root):
+    """2 sharded ranks (4 iterations), then 1 process resuming from their checkpoint (4 more), then 2 ranks again
+    resuming from the single process's (4 more): the optimizer groups, weight decay included, are the same at every
+    world size."""
     out = str(tmp_path / "run")
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
         os.path.join(REPO, "dinov2", "train", "train.py"), "--config-file", SAMPLE_CONFIG, "--output-dir", out,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    first = tiny_opts(sample_root, optim__epochs=1, train__checkpoint_period=2)
-    _run_torchrun(cmd + first, env)
+    _run_torchrun(cmd + tiny_opts(sample_root, optim__epochs=1, train__checkpoint_period=2), env)
     for rank in (0, 1):
         assert os.path.isfile(os.path.join(out, f"model_0000003.rank_{rank}.pth"))
         assert open(os.path.join(out, f"last_checkpoint.rank_{rank}")).read() == f"model_final.rank_{rank}.pth"
     assert os.path.isfile(os.path.join(out, "eval", "training_3", "teacher_checkpoint.pth"))
+    two_rank_groups = _weight_decay_by_group(os.path.join(out, "model_final.rank_0.pth"))
+    assert {wd for wd, _ in two_rank_groups} == {0.0, 1.0}
 
-    second = tiny_opts(sample_root, optim__epochs=2, train__checkpoint_period=2)
-    _run_torchrun(cmd + second, env)
+    run_training(out, tiny_opts(sample_root, optim__epochs=2, train__checkpoint_period=2))
+    log = open(os.path.join(out, "logs", "log.txt")).read()
+    assert "model_final.rank_0.pth at iteration 3" in log and "written by 2 ranks, this run has 1" in log
+    assert _weight_decay_by_group(os.path.join(out, "model_final.rank_0.pth")) == two_rank_groups
+
+    _run_torchrun(cmd + tiny_opts(sample_root, optim__epochs=3, train__checkpoint_period=2), env)
     for rank, log_name in ((0, "log.txt"), (1, "log.txt.rank1")):
         log = open(os.path.join(out, "logs", log_name)).read()
-        assert f"model_final.rank_{rank}.pth at iteration 3" in log
-    assert [m["iteration"] for m in read_metrics(out)] == list(range(8))
-    assert os.path.isfile(os.path.join(out, "eval", "training_7", "teacher_checkpoint.pth"))
+        assert "model_final.rank_0.pth at iteration 7" in log  # rank 1 reads rank 0's file: one process wrote it
+    assert [m["iteration"] for m in read_metrics(out)] == list(range(12))
+    assert os.path.isfile(os.path.join(out, "eval", "training_11", "teacher_checkpoint.pth"))
+    assert _weight_decay_by_group(os.path.join(out, "model_final.rank_0.pth")) == two_rank_groups
