@@ -5,7 +5,7 @@
 # A run that fails leaves a {"benchmark": "failed", ...} line instead and the stage goes on with its other runs;
 # the exit code is then 1.
 #
-#   bash scripts/gpu_benchmarks.sh train-l16 | train-b14 | train-s14 | parity | extract | data | e2e | profile | summary | all
+#   bash scripts/gpu_benchmarks.sh smoke | train-l16 | train-b14 | train-s14 | parity | extract | data | e2e | profile | summary | all
 #
 # Training runs follow the protocol of the anchor (upstream DINOv2 on the same GPU): `vitl16_short.yaml` (batch
 # 64, 2 x 224 + 8 local crops of 96 px for patch 16 / 98 px for patch 14, 65536 prototypes, shared head, drop path
@@ -36,6 +36,12 @@ for side in student teacher; do
     for key in param_dtype reduce_dtype; do
       BF16="$BF16 compute_precision.$side.$module.mixed_precision.$key=bf16"
     done
+  done
+done
+FP16="compute_precision.grad_scaler=true"  # the default GPU precision of upstream's configs, for bbu_sample.yaml (fp32)
+for side in student teacher; do
+  for module in backbone dino_head ibot_head; do
+    FP16="$FP16 compute_precision.$side.$module.mixed_precision.param_dtype=fp16"
   done
 done
 ARCH_L16="student.arch=vit_large student.patch_size=16 crops.local_crops_size=96"
@@ -112,10 +118,41 @@ case "$STAGE" in
 import json, statistics, sys
 rows = [json.loads(line) for line in open(sys.argv[1] + "/training_metrics.json")]
 timed = [r for r in rows if r["iteration"] >= 20]
-batch = timed[0]["current_batch_size"]
+batch = int(timed[0]["current_batch_size"])
 print(json.dumps({"benchmark": "e2e", "gpu_augmentation": sys.argv[2] == "true", "arch": "vit_small/14",
                   "batch_size": batch, "logged_iterations": len(timed),
                   "images_per_s": round(batch / statistics.mean(r["iter_time"] for r in timed), 2)}))
+PY
+    done
+    ;;
+  smoke)  # the user's path on the GPU, first of all: run/train/train.sh (sample data; pretraining in fp16 with the grad
+    # scaler, checkpoints and teacher evaluations; the three probes in fp16 autocast; summary), then a second call that
+    # resumes from the final checkpoint for 2 more epochs
+    out=outputs/gpu_smoke
+    for run in fresh resumed; do
+      if [ "$run" = fresh ]; then epochs=10 no_resume=true; else epochs=12 no_resume=false; fi
+      rc=0
+      PYTHON="$PYTHON" OUTPUT_DIR="$out" NO_RESUME=$no_resume EXTRA="$FP16 optim.epochs=$epochs $EXTRA" \
+        bash run/train/train.sh > "$out.$run.log" 2>&1 || rc=$?
+      if [ "$rc" -ne 0 ]; then
+        tail -n 40 "$out.$run.log" >&2
+        failed "smoke $run (log: $out.$run.log)" "$rc"
+        break
+      fi
+      "$PYTHON" - "$out" "$run" <<'PY' | tee -a "$RESULTS"
+import json, os, re, sys
+out, run = sys.argv[1:]
+rows = [json.loads(line) for line in open(os.path.join(out, "training_metrics.json"))]
+log = open(os.path.join(out, "logs", "log.txt")).read()
+resumed = re.findall(r"Resumed training from checkpoint \S+ at iteration (\d+)", log)
+auroc = {}
+for probe in ("knn", "linear", "log_regression"):
+    results = json.load(open(os.path.join(out, "eval", "final", "teacher", f"results_eval_{probe}.json")))
+    (test,) = [v for k, v in results["datasets"].items() if k.endswith("split=TEST")]
+    auroc[probe] = round(test["image"]["auroc"], 3)
+print(json.dumps({"benchmark": "smoke", "run": run, "last_iteration": rows[-1]["iteration"],
+                  "resumed_at": int(resumed[-1]) if run == "resumed" and resumed else None,
+                  "final_total_loss": round(rows[-1]["total_loss"], 4), "test_image_auroc": auroc}))
 PY
     done
     ;;
@@ -132,10 +169,10 @@ PY
     "$PYTHON" scripts/benchmark.py summary --results "$RESULTS"
     ;;
   all)
-    for stage in train-l16 train-b14 train-s14 parity extract data e2e summary; do bash "$0" "$stage" || FAILED=$((FAILED + 1)); done
+    for stage in smoke train-l16 train-b14 train-s14 parity extract data e2e summary; do bash "$0" "$stage" || FAILED=$((FAILED + 1)); done
     ;;
   *)
-    echo "unknown stage '$STAGE': train-l16 | train-b14 | train-s14 | parity | extract | data | e2e | profile | summary | all" >&2
+    echo "unknown stage '$STAGE': smoke | train-l16 | train-b14 | train-s14 | parity | extract | data | e2e | profile | summary | all" >&2
     exit 2
     ;;
 esac

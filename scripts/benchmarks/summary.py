@@ -117,7 +117,7 @@ def data_rows(records: List[Dict]) -> List[List[object]]:
 
 
 def render(records: List[Dict]) -> str:
-    """Markdown: one table per benchmark kind present in `records`, then the parity, e2e and failed runs."""
+    """Markdown: one table per benchmark kind present in `records`, then the parity, e2e, smoke and failed runs."""
     by_kind: Dict[str, List[Dict]] = {}
     for r in records:
         by_kind.setdefault(r.get("benchmark", "?"), []).append(r)
@@ -144,6 +144,10 @@ def render(records: List[Dict]) -> str:
     for r in by_kind.get("e2e", []):
         parts.append(f"e2e {r['arch']} batch {r['batch_size']}, gpu_augmentation={r['gpu_augmentation']}: "
                      f"{r['images_per_s']:.1f} images/s over {r['logged_iterations']} logged iterations")  # fmt: skip
+    for r in by_kind.get("smoke", []):
+        resumed = "" if r["resumed_at"] is None else f", resumed at iteration {r['resumed_at']}"
+        parts.append(f"smoke {r['run']}: trained to iteration {r['last_iteration']}{resumed}, final total loss "
+                     f"{r['final_total_loss']}, test image AUROC {r['test_image_auroc']}")  # fmt: skip
     for r in by_kind.get("failed", []):
         parts.append(f"FAILED (exit code {r['exit_code']}): {r['run']}")
     return "\n\n".join(parts)
