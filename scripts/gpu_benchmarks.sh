@@ -30,20 +30,19 @@ mkdir -p outputs "$(dirname "$RESULTS")"
 export PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the package without `pip install -e .`
 
-BF16="compute_precision.grad_scaler=false"
-for side in student teacher; do
-  for module in backbone dino_head ibot_head; do
-    for key in param_dtype reduce_dtype; do
-      BF16="$BF16 compute_precision.$side.$module.mixed_precision.$key=bf16"
+precision() {  # $1: dtype, $2: grad scaler true|false, $3...: the FSDP mixed_precision keys set to $1 everywhere
+  local overrides="compute_precision.grad_scaler=$2" side module key
+  for side in student teacher; do
+    for module in backbone dino_head ibot_head; do
+      for key in "${@:3}"; do
+        overrides="$overrides compute_precision.$side.$module.mixed_precision.$key=$1"
+      done
     done
   done
-done
-FP16="compute_precision.grad_scaler=true"  # the default GPU precision of upstream's configs, for bbu_sample.yaml (fp32)
-for side in student teacher; do
-  for module in backbone dino_head ibot_head; do
-    FP16="$FP16 compute_precision.$side.$module.mixed_precision.param_dtype=fp16"
-  done
-done
+  echo "$overrides"
+}
+BF16=$(precision bf16 false param_dtype reduce_dtype)
+FP16=$(precision fp16 true param_dtype)  # upstream's default GPU precision, for bbu_sample.yaml (fp32)
 ARCH_L16="student.arch=vit_large student.patch_size=16 crops.local_crops_size=96"
 ARCH_B14="student.arch=vit_base student.patch_size=14 crops.local_crops_size=98"
 ARCH_S14="student.arch=vit_small student.patch_size=14 crops.local_crops_size=98"
@@ -55,6 +54,17 @@ failed() {  # $1: what failed, $2: its exit code. One JSON line in $RESULTS; the
   FAILED=$((FAILED + 1))
   "$PYTHON" -c 'import json, sys; print(json.dumps({"benchmark": "failed", "run": sys.argv[1],
                                                     "exit_code": int(sys.argv[2])}))' "$1" "$2" | tee -a "$RESULTS"
+}
+
+logged() {  # $1: log file, $2: what runs, then the command: its output to the log; on failure the log's tail, a
+  # "failed" line and status 1
+  local log=$1 what=$2 rc=0
+  shift 2
+  "$@" > "$log" 2>&1 || rc=$?
+  [ "$rc" -eq 0 ] && return 0
+  tail -n 40 "$log" >&2
+  failed "$what (log: $log)" "$rc"
+  return 1
 }
 
 bench() {  # one benchmark run (its JSON line to $RESULTS); a failure is recorded, not fatal (device time is scarce)
@@ -103,17 +113,11 @@ case "$STAGE" in
     for gpu in false true; do
       out=outputs/e2e_gpu_augmentation_$gpu
       # shellcheck disable=SC2086
-      rc=0
-      "$PYTHON" dinov2/train/train.py --config-file dinov2/configs/train/vitl16_short.yaml --output-dir "$out" \
+      logged "$out.log" "e2e crops.gpu_augmentation=$gpu" \
+        "$PYTHON" dinov2/train/train.py --config-file dinov2/configs/train/vitl16_short.yaml --output-dir "$out" \
         --no-resume $ARCH_S14 "train.dataset_path=BBU:root=$data_root:split=TRAIN" train.num_workers=16 \
         train.OFFICIAL_EPOCH_LENGTH=80 optim.epochs=1 optim.warmup_epochs=0 train.checkpoint_period=100000 \
-        evaluation.eval_period_iterations=0 train.log_period=10 crops.gpu_augmentation=$gpu $EXTRA > "$out.log" 2>&1 \
-        || rc=$?
-      if [ "$rc" -ne 0 ]; then
-        tail -n 40 "$out.log" >&2
-        failed "e2e crops.gpu_augmentation=$gpu (log: $out.log)" "$rc"
-        continue
-      fi
+        evaluation.eval_period_iterations=0 train.log_period=10 crops.gpu_augmentation=$gpu $EXTRA || continue
       "$PYTHON" - "$out" "$gpu" <<'PY' | tee -a "$RESULTS"
 import json, statistics, sys
 rows = [json.loads(line) for line in open(sys.argv[1] + "/training_metrics.json")]
@@ -131,14 +135,8 @@ PY
     out=outputs/gpu_smoke
     for run in fresh resumed; do
       if [ "$run" = fresh ]; then epochs=10 no_resume=true; else epochs=12 no_resume=false; fi
-      rc=0
-      PYTHON="$PYTHON" OUTPUT_DIR="$out" NO_RESUME=$no_resume EXTRA="$FP16 optim.epochs=$epochs $EXTRA" \
-        bash run/train/train.sh > "$out.$run.log" 2>&1 || rc=$?
-      if [ "$rc" -ne 0 ]; then
-        tail -n 40 "$out.$run.log" >&2
-        failed "smoke $run (log: $out.$run.log)" "$rc"
-        break
-      fi
+      logged "$out.$run.log" "smoke $run" env PYTHON="$PYTHON" OUTPUT_DIR="$out" NO_RESUME=$no_resume \
+        EXTRA="$FP16 optim.epochs=$epochs $EXTRA" bash run/train/train.sh || break
       "$PYTHON" - "$out" "$run" <<'PY' | tee -a "$RESULTS"
 import json, os, re, sys
 out, run = sys.argv[1:]

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from train_helpers import REPO, SAMPLE_CONFIG, read_metrics, run_training, tiny_opts
+from train_helpers import REPO, SAMPLE_CONFIG, precision_opts, read_metrics, run_training, tiny_opts
 
 from dinov2.loss import KoLeoLoss
 from dinov2.models import vision_transformer as vits
@@ -38,10 +38,7 @@ def test_loss_decreases_on_sample_data(tmp_path, sample_root):
 def _fp16_with_grad_scaler(monkeypatch) -> list:
     """The CUDA default (fp16 FSDP mixed precision + ShardedGradScaler), switched on for the CPU."""
     monkeypatch.setattr(ssl_meta_arch, "mixed_precision_enabled", lambda: True)
-    return ["compute_precision.grad_scaler=true"] + [
-        f"compute_precision.{side}.{module}.mixed_precision.param_dtype=fp16"
-        for side in ("student", "teacher") for module in ("backbone", "dino_head", "ibot_head")
-    ]  # fmt: skip
+    return precision_opts("fp16", grad_scaler=True, keys=("param_dtype",))
 
 
 @pytest.mark.parametrize(

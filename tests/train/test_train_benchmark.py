@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
-from train_helpers import SAMPLE_CONFIG
+from train_helpers import SAMPLE_CONFIG, precision_opts
 
 SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 TINY_BENCH = [
@@ -135,15 +135,6 @@ def test_parity_allowance_is_the_drift_of_mixed_precision_alone(benchmarks, monk
     assert record["within_tolerance"] is False
 
 
-def _precision(dtype: str, grad_scaler: bool) -> list:
-    """Overrides setting every FSDP param/reduce dtype (bbu_sample.yaml is fp32) and the grad scaler."""
-    return [f"compute_precision.grad_scaler={str(grad_scaler).lower()}"] + [
-        f"compute_precision.{side}.{module}.mixed_precision.{key}={dtype}"
-        for side in ("student", "teacher") for module in ("backbone", "dino_head", "ibot_head")
-        for key in ("param_dtype", "reduce_dtype")
-    ]  # fmt: skip
-
-
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_mixed_precision_fsdp_path_on_cpu(benchmarks, monkeypatch, precision):
     """The CUDA precision plumbing, run on the CPU (which normally forces fp32): crops in the param dtype, FSDP
@@ -154,7 +145,7 @@ def test_mixed_precision_fsdp_path_on_cpu(benchmarks, monkeypatch, precision):
 
     train_bench, parity = benchmarks
     monkeypatch.setattr(ssl_meta_arch, "mixed_precision_enabled", lambda: True)
-    overrides = TINY_BENCH + _precision(precision, grad_scaler=precision == "fp16")
+    overrides = TINY_BENCH + precision_opts(precision, grad_scaler=precision == "fp16")
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
     cfg = train_bench.load_cfg(SAMPLE_CONFIG, overrides)
     model, step, batches = train_bench.build_training(cfg)

@@ -47,6 +47,15 @@ def tiny_opts(data_root: Optional[str] = None, **overrides) -> List[str]:
     return [f"{k}={v}" for k, v in values.items()]
 
 
+def precision_opts(dtype: str, grad_scaler: bool, keys: tuple = ("param_dtype", "reduce_dtype")) -> List[str]:
+    """Overrides setting the FSDP mixed-precision `keys` of every student/teacher module to `dtype` (bbu_sample.yaml
+    is fp32) and the grad scaler."""
+    return [f"compute_precision.grad_scaler={str(grad_scaler).lower()}"] + [
+        f"compute_precision.{side}.{module}.mixed_precision.{key}={dtype}"
+        for side in ("student", "teacher") for module in ("backbone", "dino_head", "ibot_head") for key in keys
+    ]  # fmt: skip
+
+
 def tiny_cfg(**overrides) -> DictConfig:
     cfg = load_and_merge_config("train/bbu_sample")
     cfg = merge_configs(cfg, OmegaConf.from_dotlist(tiny_opts(**overrides)))
