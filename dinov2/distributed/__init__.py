@@ -20,8 +20,9 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 from dataclasses import dataclass
-from typing import Mapping, Optional
+from typing import Mapping, NoReturn, Optional
 
 import torch
 import torch.distributed as dist
@@ -242,6 +243,17 @@ def shutdown() -> None:
     if is_enabled() and get_global_size() > 1:
         dist.barrier()
     disable()
+
+
+def exit_now(code: int = 0) -> NoReturn:
+    """End a script whose work is done (after `shutdown()`): flush the logs and streams, then exit without
+    interpreter finalization. Gloo's worker threads can still own collective results that reference Python objects;
+    releasing them while the interpreter is torn down aborts the process now and then ("terminate called without an
+    active exception", SIGABRT; see pytorch/pytorch#179291), which turns a finished CPU run into a failed one."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)
 
 
 def is_enabled() -> bool:

@@ -12,7 +12,6 @@ groups, so the other photos of the same device cannot leak its label).
 import argparse
 import logging
 import os
-import sys
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -154,4 +153,4 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(get_args_parser(description="DINOv2 k-NN evaluation").parse_args()))
+    distributed.exit_now(main(get_args_parser(description="DINOv2 k-NN evaluation").parse_args()))

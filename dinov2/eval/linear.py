@@ -13,7 +13,6 @@ validation split with `--threshold-policy`), which are applied unchanged to the 
 import argparse
 import logging
 import os
-import sys
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -246,4 +245,4 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(get_args_parser(description="DINOv2 linear evaluation").parse_args()))
+    distributed.exit_now(main(get_args_parser(description="DINOv2 linear evaluation").parse_args()))

@@ -14,7 +14,6 @@ saw part of that data) and saved with the coefficients in `log_regression_classi
 import argparse
 import logging
 import os
-import sys
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -223,4 +222,4 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(get_args_parser(description="DINOv2 logistic regression evaluation").parse_args()))
+    distributed.exit_now(main(get_args_parser(description="DINOv2 logistic regression evaluation").parse_args()))

@@ -387,3 +387,4 @@ def main(args: argparse.Namespace) -> Optional[Dict[str, float]]:
 
 if __name__ == "__main__":
     main(get_args_parser(add_help=True).parse_args())
+    distributed.exit_now(0)

@@ -1,4 +1,7 @@
 import builtins
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -143,3 +146,25 @@ def test_shutdown_waits_for_the_other_ranks_then_tears_down(monkeypatch):
     assert not distributed.is_enabled() and not [key for key in TORCHRUN_ENV if key in distributed.os.environ]
     distributed.shutdown()  # without a process group: nothing to wait for, no error
     assert calls == [True]
+
+
+def test_exit_now_flushes_logs_and_streams_and_keeps_the_exit_code(tmp_path):
+    """A finished script ends without interpreter finalization, but nothing written before is lost."""
+    log_file = tmp_path / "log.txt"
+    script = (
+        "import logging, sys\n"
+        "import dinov2.distributed as distributed\n"
+        f"handler = logging.FileHandler({str(log_file)!r})\n"
+        "logging.getLogger('dinov2').addHandler(handler)\n"
+        "logging.getLogger('dinov2').warning('last log line')\n"
+        "sys.stdout.write('unflushed stdout')\n"
+        "sys.stderr.write('unflushed stderr')\n"
+        "distributed.exit_now(3)\n"
+        "print('never printed')\n"
+    )
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": repo}, stdin=subprocess.DEVNULL)  # fmt: skip
+    assert done.returncode == 3
+    assert done.stdout == "unflushed stdout" and done.stderr.endswith("unflushed stderr")
+    assert log_file.read_text() == "last log line\n"

@@ -207,6 +207,7 @@ def worker(rank, world_size, port, out_dir, one_rank_ckpt):
     res["from_one_rank_state"] = full_state(model3)
     torch.save(res, os.path.join(out_dir, f"rank_{rank}.pt"))
     distributed.shutdown()  # both ranks done before the group goes away (an early exit can abort the other in gloo)
+    distributed.exit_now(0)  # as the scripts end: no interpreter finalization under live gloo threads
 
 
 @pytest.fixture(scope="module")
