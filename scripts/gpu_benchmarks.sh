@@ -107,24 +107,28 @@ case "$STAGE" in
     bench scripts/benchmark.py data --num-workers 16 --batch-size 64 --num-samples 1024 --repeats 2 \
       --path all --image-size 640x480 1920x1440 4000x3000
     ;;
-  e2e)  # real JPEG loading: ViT-S/14 training on generated E2E_SIZE-px photos, CPU fast path vs crops.gpu_augmentation
+  e2e)  # real JPEG loading: ViT-S/14 training on generated E2E_SIZE-px photos: CPU fast path, crops.gpu_augmentation
+    # on its side stream, and on the training stream
     data_root=${E2E_DATA:-outputs/bbu_e2e_${E2E_SIZE:-1920}}
     [ -d "$data_root" ] || "$PYTHON" scripts/make_sample_bbu.py "$data_root" --groups 100 --size "${E2E_SIZE:-1920}"
-    for gpu in false true; do
-      out=outputs/e2e_gpu_augmentation_$gpu
+    for variant in "false true" "true true" "true false"; do
+      read -r gpu side <<< "$variant"
+      out=outputs/e2e_gpu_augmentation_${gpu}_side_stream_$side
       # shellcheck disable=SC2086
-      logged "$out.log" "e2e crops.gpu_augmentation=$gpu" \
+      logged "$out.log" "e2e crops.gpu_augmentation=$gpu crops.gpu_side_stream=$side" \
         "$PYTHON" dinov2/train/train.py --config-file dinov2/configs/train/vitl16_short.yaml --output-dir "$out" \
         --no-resume $ARCH_S14 "train.dataset_path=BBU:root=$data_root:split=TRAIN" train.num_workers=16 \
         train.OFFICIAL_EPOCH_LENGTH=80 optim.epochs=1 optim.warmup_epochs=0 train.checkpoint_period=100000 \
-        evaluation.eval_period_iterations=0 train.log_period=10 crops.gpu_augmentation=$gpu $EXTRA || continue
-      "$PYTHON" - "$out" "$gpu" <<'PY' | tee -a "$RESULTS"
+        evaluation.eval_period_iterations=0 train.log_period=10 crops.gpu_augmentation=$gpu \
+        crops.gpu_side_stream=$side $EXTRA || continue
+      "$PYTHON" - "$out" "$gpu" "$side" <<'PY' | tee -a "$RESULTS"
 import json, statistics, sys
 rows = [json.loads(line) for line in open(sys.argv[1] + "/training_metrics.json")]
 timed = [r for r in rows if r["iteration"] >= 20]
 batch = int(timed[0]["current_batch_size"])
-print(json.dumps({"benchmark": "e2e", "gpu_augmentation": sys.argv[2] == "true", "arch": "vit_small/14",
-                  "batch_size": batch, "logged_iterations": len(timed),
+gpu = sys.argv[2] == "true"
+print(json.dumps({"benchmark": "e2e", "gpu_augmentation": gpu, "gpu_side_stream": gpu and sys.argv[3] == "true",
+                  "arch": "vit_small/14", "batch_size": batch, "logged_iterations": len(timed),
                   "images_per_s": round(batch / statistics.mean(r["iter_time"] for r in timed), 2)}))
 PY
     done

@@ -12,10 +12,15 @@ the rate a small ViT trains. With this path the work is split in three:
    `collate_data_and_cast`) and draws the iBOT masks exactly as that function does.
 3. `GPUMultiCropAugmentation` (training process, model device): decodes the JPEGs in batches of
    `crops.gpu_decode_batch_size` images (`torchvision.io.decode_jpeg` on the device: nvJPEG on CUDA), crops and
-   resizes every box (bicubic, antialiased), then flips, colour-jitters (each crop's own factors and order),
-   grayscales, blurs (9 taps, reflect padding), solarizes and normalises all crops of a size at once with per-crop
-   parameter tensors. Pixels are floats in [0, 1] throughout (no uint8 rounding between steps). Decoded memory
-   peaks at one chunk of uint8 images (default 16; 16 x 4000x3000 RGB = 0.58 GB) plus one float32 crop region.
+   resizes every box (bicubic, antialiased), then flips, colour-jitters (each crop's own factors and order, each
+   operation on just the crops that take it), grayscales, blurs (9 taps, reflect padding), solarizes and normalises
+   all crops of a size at once with per-crop parameter tensors. Pixels are floats in [0, 1] throughout (no uint8
+   rounding between steps). Decoded memory peaks at one chunk of uint8 images (default 16; 16 x 4000x3000 RGB =
+   0.58 GB) plus one float32 crop region.
+
+On CUDA the rendering runs on a stream of its own (`crops.gpu_side_stream`, default on): the training loop queues an
+iteration's kernels without waiting for them, so the next batch is decoded and rendered while the GPU still works
+through the previous iteration; the training stream waits for the crops only where it uses them.
 
 As in the PIL paths, EXIF orientation is not applied (the stored pixel grid is cropped; `decode_jpeg`'s default).
 """
@@ -164,11 +169,27 @@ def _jitter_op(x: torch.Tensor, op: int, factor: torch.Tensor) -> torch.Tensor:
 
 def color_jitter(x: torch.Tensor, apply: torch.Tensor, order: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
     """Brightness (0), contrast (1), saturation (2) and hue (3) in each crop's order (N, 4), with factors (N, 4), on
-    the crops where `apply` (N,) is set; torchvision's tensor formulas (grayscale with its weights)."""
-    for position in range(4):
-        for op in range(4):
-            selected = (apply & (order[:, position] == op)).view(-1, 1, 1, 1)
-            x = torch.where(selected, _jitter_op(x, op, factors[:, op].view(-1, 1, 1, 1)), x)
+    the crops where `apply` (N,) is set; torchvision's tensor formulas (grayscale with its weights).
+
+    Each operation runs only on the crops that take it at that position (gathered, transformed, scattered back), so
+    the work is that of 4 passes, not of 16 (every operation on every crop at every position). The groups are found
+    on the host: `apply` and `order` should be CPU tensors, as the collated batch holds them (device tensors would be
+    copied to the host, a synchronisation)."""
+    apply, order = apply.cpu(), order.cpu()
+    groups = [(op, torch.nonzero(apply & (order[:, position] == op)).flatten())
+              for position in range(4) for op in range(4)]  # fmt: skip
+    groups = [(op, rows) for op, rows in groups if len(rows)]
+    if not groups:
+        return x
+    all_rows = torch.cat([rows for _, rows in groups])
+    if x.device.type == "cuda":
+        all_rows = all_rows.pin_memory()
+    all_rows = all_rows.to(x.device, non_blocking=True)  # one copy for the 16 groups
+    factors = factors.to(x.device, non_blocking=True)
+    x = x.clone()
+    for (op, _), rows in zip(groups, all_rows.split([len(rows) for _, rows in groups])):
+        factor = factors[:, op].index_select(0, rows).view(-1, 1, 1, 1)
+        x.index_copy_(0, rows, _jitter_op(x.index_select(0, rows), op, factor))
     return x
 
 
@@ -188,6 +209,20 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     return y.view(n, c, h, w)
 
 
+def on_side_stream(render: Callable[[], Dict[str, Any]], stream: Any, device: torch.device,
+                   outputs: Sequence[str]) -> Dict[str, Any]:
+    """`render()` with `stream` as the current CUDA stream; the caller's stream then waits for it before its next
+    kernel, and the `outputs` tensors are marked as used by the caller's stream, so that their memory (from `stream`'s
+    pool) is not handed out again before the caller's kernels have read it. Nothing here waits on the host."""
+    caller = torch.cuda.current_stream(device)
+    with torch.cuda.stream(stream):
+        result = render()
+    caller.wait_stream(stream)
+    for key in outputs:
+        result[key].record_stream(caller)
+    return result
+
+
 class GPUMultiCropAugmentation:
     """Device side of `crops.gpu_augmentation`: a `collate_encoded_crops` batch -> the `collate_data_and_cast` batch
     (`collated_global_crops`, `collated_local_crops` in `dtype` on `device`, the mask entries unchanged)."""
@@ -198,11 +233,14 @@ class GPUMultiCropAugmentation:
         decode_batch_size: int = 16,
         mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
         std: Sequence[float] = IMAGENET_DEFAULT_STD,
+        side_stream: bool = True,
     ) -> None:
         if decode_batch_size < 1:
             raise ValueError(f"crops.gpu_decode_batch_size must be >= 1, got {decode_batch_size}")
         self.dtype = dtype
         self.decode_batch_size = decode_batch_size
+        self.side_stream = side_stream
+        self._streams: Dict[torch.device, Any] = {}
         self.mean, self.std = tuple(mean), tuple(std)
         self._normalization: Dict[torch.device, Tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -215,8 +253,9 @@ class GPUMultiCropAugmentation:
             if device.type == "cuda":
                 # torchvision's nvJPEG decoder takes its output memory from the current stream's pool but writes it
                 # from its own stream without waiting for this one (pytorch/vision#9606): a block freed while queued
-                # kernels still read it (last iteration's activations, the previous chunk's images) would be
-                # overwritten under them. Drain the stream first.
+                # kernels still read it (the previous chunk's images; without the side stream, last iteration's
+                # activations too) would be overwritten under them. Drain the stream first: on the side stream only
+                # the rendering queued before waits, not the training.
                 torch.cuda.current_stream(device).synchronize()
             try:
                 decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
@@ -265,7 +304,7 @@ class GPUMultiCropAugmentation:
             return batch[f"{kind}_crop_{name}"].to(x.device, non_blocking=True)
 
         x = torch.where(param("flip").view(-1, 1, 1, 1), x.flip(-1), x)
-        x = color_jitter(x, param("jitter"), param("jitter_order"), param("jitter_factors"))
+        x = color_jitter(x, batch[f"{kind}_crop_jitter"], batch[f"{kind}_crop_jitter_order"], param("jitter_factors"))
         x = torch.where(param("grayscale").view(-1, 1, 1, 1), _gray(x).expand_as(x), x)
         x = gaussian_blur(x, param("blur_sigma"))
         x = torch.where(param("solarize").view(-1, 1, 1, 1) & (x >= SOLARIZE_THRESHOLD), 1 - x, x)
@@ -276,6 +315,14 @@ class GPUMultiCropAugmentation:
         return ((x - mean) / std).to(self.dtype)
 
     def __call__(self, batch: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
+        if device.type != "cuda" or not self.side_stream:
+            return self._render(batch, device)
+        if device not in self._streams:
+            self._streams[device] = torch.cuda.Stream(device)
+        return on_side_stream(lambda: self._render(batch, device), self._streams[device], device,
+                              ("collated_global_crops", "collated_local_crops"))  # fmt: skip
+
+    def _render(self, batch: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
         n_images = len(batch["image_paths"])
         outputs = {
             kind: torch.empty(len(batch[f"{kind}_crop_image"]), 3, batch[f"{kind}_crop_size"],

@@ -314,7 +314,9 @@ def do_train(cfg: DictConfig, model: SSLMetaArch, resume: bool = False) -> Dict[
     data_loader = build_data_loader(cfg, start_iter, inputs_dtype)
     gpu_augmentation = None
     if cfg.crops.gpu_augmentation:
-        gpu_augmentation = GPUMultiCropAugmentation(inputs_dtype, cfg.crops.gpu_decode_batch_size)
+        gpu_augmentation = GPUMultiCropAugmentation(
+            inputs_dtype, cfg.crops.gpu_decode_batch_size, side_stream=cfg.crops.gpu_side_stream
+        )
     rng_state = get_rng_state()  # as restored from the checkpoint; iter() below draws the loader's base seed
     data_iter = iter(data_loader)
     set_rng_state(rng_state)

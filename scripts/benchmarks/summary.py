@@ -142,7 +142,8 @@ def render(records: List[Dict]) -> str:
             line += f"; mixed precision alone (x{r['mp_factor']} allowed on top): {drift}"
         parts.append(line)
     for r in by_kind.get("e2e", []):
-        parts.append(f"e2e {r['arch']} batch {r['batch_size']}, gpu_augmentation={r['gpu_augmentation']}: "
+        side = f", gpu_side_stream={r['gpu_side_stream']}" if r["gpu_augmentation"] else ""
+        parts.append(f"e2e {r['arch']} batch {r['batch_size']}, gpu_augmentation={r['gpu_augmentation']}{side}: "
                      f"{r['images_per_s']:.1f} images/s over {r['logged_iterations']} logged iterations")  # fmt: skip
     for r in by_kind.get("smoke", []):
         resumed = "" if r["resumed_at"] is None else f", resumed at iteration {r['resumed_at']}"

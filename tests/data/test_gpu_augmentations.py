@@ -1,5 +1,6 @@
 """dinov2/data/gpu_augmentations.py on the CPU: worker transform, collate, device-side rendering and colour ops."""
 
+import contextlib
 import io
 import random
 
@@ -24,6 +25,7 @@ from dinov2.data.gpu_augmentations import (
     collate_encoded_crops,
     color_jitter,
     gaussian_blur,
+    on_side_stream,
 )
 from dinov2.data.loaders import make_dataset
 from dinov2.data.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -118,6 +120,34 @@ def test_colour_jitter_in_each_crops_order_matches_torchvision():
             for op in order[i].tolist():
                 ref = ops[op](ref, factors[i, op].item())
         torch.testing.assert_close(out[i], ref, atol=2e-5, rtol=0, msg=f"crop {i}, order {order[i].tolist()}")
+
+
+def test_colour_jitter_runs_each_operation_once_on_each_jittered_crop(monkeypatch):
+    """The work of 4 passes, not 16: every jittered crop goes through each of the 4 operations once, in its own order,
+    and the crops without jitter through none (and come back unchanged)."""
+    import dinov2.data.gpu_augmentations as gpu_augmentations
+
+    calls = []
+    jitter_op = gpu_augmentations._jitter_op
+
+    def recording_op(x, op, factor):
+        calls.append((op, x.shape[0]))
+        return jitter_op(x, op, factor)
+
+    monkeypatch.setattr(gpu_augmentations, "_jitter_op", recording_op)
+    g = torch.Generator().manual_seed(3)
+    n = 10
+    x = torch.rand(n, 3, 6, 5, generator=g)
+    order = torch.stack([torch.randperm(4, generator=g) for _ in range(n)])
+    factors = torch.full((n, 4), 0.9)
+    apply = torch.tensor([True] * 7 + [False] * 3)
+    out = color_jitter(x, apply, order, factors)
+    assert len(calls) <= 16
+    assert {op: sum(k for o, k in calls if o == op) for op in range(4)} == {op: 7 for op in range(4)}
+    assert torch.equal(out[7:], x[7:])
+    assert not torch.equal(out[:7], x[:7])
+    calls.clear()
+    assert color_jitter(x, torch.zeros(n, dtype=torch.bool), order, factors) is x and calls == []
 
 
 def test_blur_grayscale_solarize_match_torchvision():
@@ -302,6 +332,70 @@ def test_cuda_stream_is_drained_before_each_decode(monkeypatch):
     events.clear()
     render.decode(batch, range(2), torch.device("cpu"))
     assert events == [2]
+
+
+class _FakeStream:
+    """Stands for a CUDA stream (no GPU here): records what waits for what."""
+
+    def __init__(self, name, events):
+        self.name, self.events = name, events
+
+    def wait_stream(self, other):
+        self.events.append(f"{self.name} waits for {other.name}")
+
+
+def _fake_streams(monkeypatch, events):
+    """torch.cuda's current stream, stream context and Tensor.record_stream, recording into `events`."""
+    current = [_FakeStream("training", events)]
+
+    @contextlib.contextmanager
+    def stream(s):
+        previous, current[0] = current[0], s
+        events.append(f"enter {s.name}")
+        yield
+        current[0] = previous
+        events.append(f"leave {s.name}")
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: current[0])
+    monkeypatch.setattr(torch.cuda, "stream", stream)
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda t, s: events.append(f"{list(t.shape)} used by {s.name}"))
+    return current
+
+
+def test_side_stream_renders_off_the_training_stream_and_hands_the_crops_over(monkeypatch):
+    """The rendering runs with the side stream current (its decode drains only that stream); the training stream then
+    waits for the side stream, without a host wait, and the crops' memory is marked as used by the training stream."""
+    events = []
+    current = _fake_streams(monkeypatch, events)
+    side = _FakeStream("side", events)
+
+    def render():
+        events.append(f"render on {current[0].name}")
+        return {"crops": torch.zeros(2), "more": torch.zeros(3), "masks": [1]}
+
+    result = on_side_stream(render, side, torch.device("cuda"), ("crops", "more"))
+    assert events == ["enter side", "render on side", "leave side", "training waits for side", "[2] used by training",
+                      "[3] used by training"]  # fmt: skip
+    assert result["masks"] == [1] and current[0].name == "training"
+
+
+def test_side_stream_is_one_per_device_and_only_on_cuda(monkeypatch):
+    import dinov2.data.gpu_augmentations as gpu_augmentations
+
+    created, calls = [], []
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device: created.append(device) or f"stream of {device}")
+    monkeypatch.setattr(gpu_augmentations, "on_side_stream",
+                        lambda render, stream, device, outputs: calls.append((stream, tuple(outputs))) or render())
+    monkeypatch.setattr(GPUMultiCropAugmentation, "_render", lambda self, batch, device: {"device": device})
+    cuda0, cuda1, cpu = torch.device("cuda", 0), torch.device("cuda", 1), torch.device("cpu")
+    render = GPUMultiCropAugmentation(torch.float16)
+    assert [render({}, d)["device"] for d in (cuda0, cuda0, cuda1, cpu)] == [cuda0, cuda0, cuda1, cpu]
+    assert created == [cuda0, cuda1]
+    outputs = ("collated_global_crops", "collated_local_crops")
+    assert calls == [("stream of cuda:0", outputs)] * 2 + [("stream of cuda:1", outputs)]
+    calls.clear()
+    assert GPUMultiCropAugmentation(torch.float16, side_stream=False)({}, cuda0) == {"device": cuda0}
+    assert calls == []
 
 
 def test_training_loader_rejects_datasets_without_encoded_images(monkeypatch):

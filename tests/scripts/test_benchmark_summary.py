@@ -55,7 +55,9 @@ def test_render_reads_every_kind_and_names_a_malformed_line(summary, tmp_path):
          "rtol": 0.02, "atol": 0.01, "max_abs_diff": {"total_loss": 0.004, "koleo_loss": 0.0021}, "mp_factor": 2.0,
          "mixed_max_abs_diff": {"total_loss": 0.003, "koleo_loss": 0.002}},
         {"benchmark": "e2e", "arch": "vit_small/14", "batch_size": 64, "gpu_augmentation": True,
-         "logged_iterations": 6, "images_per_s": 512.345},
+         "gpu_side_stream": True, "logged_iterations": 6, "images_per_s": 512.345},
+        {"benchmark": "e2e", "arch": "vit_small/14", "batch_size": 64, "gpu_augmentation": False,
+         "gpu_side_stream": False, "logged_iterations": 6, "images_per_s": 300.0},
         {"benchmark": "smoke", "run": "resumed", "last_iteration": 299, "resumed_at": 249, "final_total_loss": 9.1,
          "test_image_auroc": {"knn": 0.5, "linear": 0.66, "log_regression": 0.7}},
         {"benchmark": "failed", "run": "scripts/benchmark.py extract --compile", "exit_code": 1},
@@ -69,7 +71,9 @@ def test_render_reads_every_kind_and_names_a_malformed_line(summary, tmp_path):
     assert ("parity (train.compile=true), 20 iterations: within tolerance yes (rtol 0.02, atol 0.01); "
             "max |fast - fp32|: total_loss 0.004, koleo_loss 0.0021; "
             "mixed precision alone (x2.0 allowed on top): total_loss 0.003, koleo_loss 0.002") in text  # fmt: skip
-    assert "e2e vit_small/14 batch 64, gpu_augmentation=True: 512.3 images/s over 6 logged iterations" in text
+    assert ("e2e vit_small/14 batch 64, gpu_augmentation=True, gpu_side_stream=True: 512.3 images/s over 6 logged "
+            "iterations") in text  # fmt: skip
+    assert "e2e vit_small/14 batch 64, gpu_augmentation=False: 300.0 images/s over 6 logged iterations" in text
     assert ("smoke resumed: trained to iteration 299, resumed at iteration 249, final total loss 9.1, test image "
             "AUROC {'knn': 0.5, 'linear': 0.66, 'log_regression': 0.7}") in text  # fmt: skip
     assert text.endswith("FAILED (exit code 1): scripts/benchmark.py extract --compile")
