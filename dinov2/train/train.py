@@ -31,6 +31,7 @@ from dinov2.data.collate import mask_args_from_cfg
 from dinov2.data.datasets.extended import ExtendedVisionDataset
 from dinov2.data.gpu_augmentations import EncodedCropsTransform, GPUMultiCropAugmentation, collate_encoded_crops
 from dinov2.fsdp import FSDPCheckpointer, PeriodicCheckpointer, is_fsdp
+from dinov2.fsdp import clip_grad_norm_ as fsdp_clip_grad_norm_
 from dinov2.fsdp.checkpointer import get_rng_state, set_rng_state
 from dinov2.logging import MetricLogger, SmoothedValue
 from dinov2.train import ssl_meta_arch
@@ -254,10 +255,10 @@ class LossMonitor:
 
 
 def clip_gradients(model: SSLMetaArch, max_norm: float) -> None:
-    """Clip each student submodule's gradient norm (the FSDP method computes the norm over all shards)."""
+    """Clip each student submodule's gradient norm (over all shards for FSDP modules)."""
     for module in model.student.values():
         if is_fsdp(module):
-            module.clip_grad_norm_(max_norm)
+            fsdp_clip_grad_norm_(module, max_norm)
         else:
             torch.nn.utils.clip_grad_norm_(module.parameters(), max_norm)
 

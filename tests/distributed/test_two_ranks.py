@@ -15,6 +15,7 @@ from dinov2.fsdp import (
     FSDPCheckpointer,
     PeriodicCheckpointer,
     ShardedGradScaler,
+    clip_grad_norm_,
     get_fsdp_modules,
     get_fsdp_wrapper,
     is_fsdp,
@@ -27,6 +28,7 @@ from dinov2.utils.param_groups import get_params_groups_with_decay
 WORLD = 2
 K = 5
 IBOT_COUNTS = (3, 5)  # masked patches per rank (uneven on purpose)
+CLIP_NORMS = (0.01, 1e6)  # below the gradient norm of the test (clips), far above it (does not)
 
 
 class Block(nn.Module):
@@ -163,6 +165,22 @@ def worker(rank, world_size, port, out_dir, one_rank_ckpt):
         finite = all(torch.isfinite(v).all() for v in after.values())
         res["fused_skips"].append((unchanged, finite, scaler.get_scale()))
 
+    # --- gradient clipping of sharded units: the foreach version against FSDP's own, clipping and not clipping -----
+    res["clip"] = []
+    for strategy in ("FULL_SHARD", "SHARD_GRAD_OP"):
+        for max_norm in CLIP_NORMS:
+            nets = []
+            for _ in range(2):
+                torch.manual_seed(300)
+                nets.append(get_fsdp_wrapper(fsdp_cfg(strategy), {Block})(Net()))
+                nets[-1](batches()[1][sl]).pow(2).mean().backward()
+            before = [p.grad.clone() for p in nets[0].parameters() if p.grad is not None]
+            fsdp_norm = nets[0].clip_grad_norm_(max_norm)
+            norm = clip_grad_norm_(nets[1], max_norm)
+            grads = [[p.grad for p in net.parameters() if p.grad is not None] for net in nets]
+            sharded = all(is_sharded_fsdp(unit) for unit in get_fsdp_modules(nets[1]))
+            res["clip"].append((strategy, max_norm, sharded, fsdp_norm, norm, before, *grads))
+
     # --- teacher resharding: unsharded parameters freed after a no-grad forward, outputs unchanged ----------------
     teacher = get_fsdp_wrapper(fsdp_cfg("SHARD_GRAD_OP"), {Block})(Net())
     units = [m for m in get_fsdp_modules(teacher) if m._handle is not None]
@@ -279,6 +297,30 @@ def test_fp16_overflow_skips_the_fused_step_on_every_rank(results):
     per_rank, _, _ = results
     for r in per_rank:
         assert r["fused_skips"] == [(True, True, 512.0), (True, True, 256.0), (False, True, 256.0)]
+
+
+def test_foreach_clipping_of_shards_equals_fsdp_and_one_process(results):
+    """`dinov2.fsdp.clip_grad_norm_` on sharded ranks: the total norm of one process computing the gradient of the
+    whole batch, on every rank; each rank's gradient shards scaled exactly as FSDP's per-parameter method scales them."""
+    per_rank, _, _ = results
+    torch.manual_seed(300)
+    net = Net()
+    net(batches()[1]).pow(2).mean().backward()
+    one_process_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), 1e6)
+    assert one_process_norm > CLIP_NORMS[0]
+    for r in per_rank:
+        assert [(c[0], c[1], c[2]) for c in r["clip"]] == [(s, n, True) for s in ("FULL_SHARD", "SHARD_GRAD_OP")
+                                                          for n in CLIP_NORMS]  # fmt: skip
+        for _, max_norm, _, fsdp_norm, norm, before, fsdp_grads, grads in r["clip"]:
+            torch.testing.assert_close(norm, one_process_norm, rtol=1e-6, atol=0)
+            torch.testing.assert_close(norm, fsdp_norm, rtol=1e-6, atol=0)
+            coef = min(1.0, max_norm / (norm.item() + 1e-6))
+            assert len(grads) == len(fsdp_grads) == len(before) > 0
+            for g, fsdp_g, b in zip(grads, fsdp_grads, before):
+                torch.testing.assert_close(g, fsdp_g, rtol=1e-6, atol=1e-9)
+                torch.testing.assert_close(g, b * coef, rtol=1e-6, atol=1e-9)
+                if max_norm == CLIP_NORMS[1]:
+                    assert torch.equal(g, b)
 
 
 def test_reshard_frees_unsharded_parameters(results):
