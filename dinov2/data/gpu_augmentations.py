@@ -285,16 +285,16 @@ class GPUMultiCropAugmentation:
 
     @staticmethod
     def _resized_crops(
-        images: Dict[int, torch.Tensor], boxes: Dict[int, List[Tuple[int, List[int]]]], out: torch.Tensor
+        images: Dict[int, torch.Tensor], boxes: Dict[int, List[Tuple[int, List[int]]]], size: int,
+        crops: Dict[int, torch.Tensor],
     ) -> None:
-        """Bicubic (antialiased) resize of the boxes of `images` into their rows of `out` (0-255 scale, unclamped:
-        `__call__` clamps and rescales each crop size in one pass)."""
-        size = out.shape[-1]
+        """Bicubic (antialiased) resize of the boxes of `images` to `size`, into `crops` by output row (0-255 scale,
+        unclamped: `_render` stacks, clamps and rescales each crop size in one pass each)."""
         for owner, image in images.items():
             for row, (left, top, right, bottom) in boxes.get(owner, ()):
                 region = image[:, top:bottom, left:right].unsqueeze(0).float()
-                out[row] = F.interpolate(region, size=(size, size), mode="bicubic", antialias=True,
-                                         align_corners=False)[0]  # fmt: skip
+                crops[row] = F.interpolate(region, size=(size, size), mode="bicubic", antialias=True,
+                                           align_corners=False)[0]  # fmt: skip
 
     def _colour(self, batch: Dict[str, Any], kind: str, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] == 0:  # no local crops
@@ -324,19 +324,20 @@ class GPUMultiCropAugmentation:
 
     def _render(self, batch: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
         n_images = len(batch["image_paths"])
-        outputs = {
-            kind: torch.empty(len(batch[f"{kind}_crop_image"]), 3, batch[f"{kind}_crop_size"],
-                              batch[f"{kind}_crop_size"], device=device)
-            for kind in ("global", "local")
-        }  # fmt: skip
-        boxes = {kind: self._boxes_by_image(batch, kind) for kind in outputs}
+        kinds = ("global", "local")
+        boxes = {kind: self._boxes_by_image(batch, kind) for kind in kinds}
+        crops: Dict[str, Dict[int, torch.Tensor]] = {kind: {} for kind in kinds}
         for start in range(0, n_images, self.decode_batch_size):
             images = self.decode(batch, range(start, min(start + self.decode_batch_size, n_images)), device)
-            for kind, out in outputs.items():
-                self._resized_crops(images, boxes[kind], out)
+            for kind in kinds:
+                self._resized_crops(images, boxes[kind], batch[f"{kind}_crop_size"], crops[kind])
             del images
-        for out in outputs.values():
-            out.clamp_(0, 255).div_(255)
+        outputs = {}
+        for kind in kinds:  # one stack (a few copy kernels), not one copy per crop
+            size = batch[f"{kind}_crop_size"]
+            rows = [crops[kind].pop(row) for row in range(len(batch[f"{kind}_crop_image"]))]
+            stacked = torch.stack(rows) if rows else torch.empty(0, 3, size, size, device=device)
+            outputs[kind] = stacked.clamp_(0, 255).div_(255)
         result = {k: batch[k] for k in MASK_KEYS}
         result["collated_global_crops"] = self._colour(batch, "global", outputs["global"])
         result["collated_local_crops"] = self._colour(batch, "local", outputs["local"])
