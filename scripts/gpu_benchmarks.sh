@@ -111,7 +111,7 @@ case "$STAGE" in
     # on its side stream, and on the training stream
     data_root=${E2E_DATA:-outputs/bbu_e2e_${E2E_SIZE:-1920}}
     [ -d "$data_root" ] || "$PYTHON" scripts/make_sample_bbu.py "$data_root" --groups 100 --size "${E2E_SIZE:-1920}"
-    for variant in "false true" "true true" "true false"; do
+    for variant in "false false" "true true" "true false"; do
       read -r gpu side <<< "$variant"
       out=outputs/e2e_gpu_augmentation_${gpu}_side_stream_$side
       # shellcheck disable=SC2086

@@ -16,7 +16,7 @@ the rate a small ViT trains. With this path the work is split in three:
    operation on just the crops that take it), grayscales, blurs (9 taps, reflect padding), solarizes and normalises
    all crops of a size at once with per-crop parameter tensors. Pixels are floats in [0, 1] throughout (no uint8
    rounding between steps). Decoded memory peaks at one chunk of uint8 images (default 16; 16 x 4000x3000 RGB =
-   0.58 GB) plus one float32 crop region.
+   0.58 GB) plus one float32 crop region; the float32 crops of a size are held twice while they are stacked.
 
 On CUDA the rendering runs on a stream of its own (`crops.gpu_side_stream`, default on): the training loop queues an
 iteration's kernels without waiting for them, so the next batch is decoded and rendered while the GPU still works
