@@ -172,24 +172,25 @@ def color_jitter(x: torch.Tensor, apply: torch.Tensor, order: torch.Tensor, fact
     the crops where `apply` (N,) is set; torchvision's tensor formulas (grayscale with its weights).
 
     Each operation runs only on the crops that take it at that position (gathered, transformed, scattered back), so
-    the work is that of 4 passes, not of 16 (every operation on every crop at every position). The groups are found
-    on the host: `apply` and `order` should be CPU tensors, as the collated batch holds them (device tensors would be
-    copied to the host, a synchronisation)."""
-    apply, order = apply.cpu(), order.cpu()
+    the work is that of 4 passes, not of 16 (every operation on every crop at every position). The groups and their
+    factors are gathered on the host: `apply`, `order` and `factors` should be CPU tensors, as the collated batch
+    holds them (device tensors would be copied to the host, a synchronisation)."""
+    apply, order, factors = apply.cpu(), order.cpu(), factors.cpu()
     groups = [(op, torch.nonzero(apply & (order[:, position] == op)).flatten())
               for position in range(4) for op in range(4)]  # fmt: skip
     groups = [(op, rows) for op, rows in groups if len(rows)]
     if not groups:
         return x
     all_rows = torch.cat([rows for _, rows in groups])
+    all_factors = torch.cat([factors[rows, op] for op, rows in groups])
     if x.device.type == "cuda":
-        all_rows = all_rows.pin_memory()
-    all_rows = all_rows.to(x.device, non_blocking=True)  # one copy for the 16 groups
-    factors = factors.to(x.device, non_blocking=True)
+        all_rows, all_factors = all_rows.pin_memory(), all_factors.pin_memory()
+    # two copies for the 16 groups
+    all_rows, all_factors = (t.to(x.device, non_blocking=True) for t in (all_rows, all_factors))
+    sizes = [len(rows) for _, rows in groups]
     x = x.clone()
-    for (op, _), rows in zip(groups, all_rows.split([len(rows) for _, rows in groups])):
-        factor = factors[:, op].index_select(0, rows).view(-1, 1, 1, 1)
-        x.index_copy_(0, rows, _jitter_op(x.index_select(0, rows), op, factor))
+    for (op, _), rows, factor in zip(groups, all_rows.split(sizes), all_factors.split(sizes)):
+        x.index_copy_(0, rows, _jitter_op(x.index_select(0, rows), op, factor.view(-1, 1, 1, 1)))
     return x
 
 
@@ -304,7 +305,8 @@ class GPUMultiCropAugmentation:
             return batch[f"{kind}_crop_{name}"].to(x.device, non_blocking=True)
 
         x = torch.where(param("flip").view(-1, 1, 1, 1), x.flip(-1), x)
-        x = color_jitter(x, batch[f"{kind}_crop_jitter"], batch[f"{kind}_crop_jitter_order"], param("jitter_factors"))
+        jitter = (batch[f"{kind}_crop_jitter{name}"] for name in ("", "_order", "_factors"))  # on the host
+        x = color_jitter(x, *jitter)
         x = torch.where(param("grayscale").view(-1, 1, 1, 1), _gray(x).expand_as(x), x)
         x = gaussian_blur(x, param("blur_sigma"))
         x = torch.where(param("solarize").view(-1, 1, 1, 1) & (x >= SOLARIZE_THRESHOLD), 1 - x, x)
