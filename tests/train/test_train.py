@@ -242,3 +242,46 @@ def test_two_process_torchrun_saves_and_resumes_on_other_world_sizes(tmp_path, s
     assert [m["iteration"] for m in read_metrics(out)] == list(range(12))
     assert os.path.isfile(os.path.join(out, "eval", "training_11", "teacher_checkpoint.pth"))
     assert _weight_decay_by_group(os.path.join(out, "model_final.rank_0.pth")) == two_rank_groups
+
+
+def test_two_rank_fp16_run_resumes_like_an_uninterrupted_one(tmp_path, sample_root):
+    """The multi-GPU default, on the CPU: 2 sharded ranks with fp16 FSDP mixed precision and the grad scaler. A run
+    of 16 iterations vs a second run that resumes from the first one's checkpoint of iteration 11 (sharded optimizer
+    state, scaler and RNG included) and does the last 4: the same losses, final model, optimizer, scalers and RNG."""
+    launcher = os.path.join(REPO, "tests", "train", "mixed_precision_train.py")
+    opts = tiny_opts(sample_root, optim__epochs=4, train__checkpoint_period=12)
+    opts += precision_opts("fp16", grad_scaler=True, keys=("param_dtype",))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    runs = {name: str(tmp_path / name) for name in ("straight", "resumed")}
+    for name in ("straight", "resumed"):
+        if name == "resumed":
+            os.makedirs(runs[name])
+            for rank in (0, 1):
+                checkpoint = f"model_0000011.rank_{rank}.pth"
+                shutil.copy(os.path.join(runs["straight"], checkpoint), runs[name])
+                with open(os.path.join(runs[name], f"last_checkpoint.rank_{rank}"), "w") as f:
+                    f.write(checkpoint)
+        _run_torchrun([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", launcher,
+                       "--config-file", SAMPLE_CONFIG, "--output-dir", runs[name], *opts], env)  # fmt: skip
+
+    assert "model_0000011.rank_0.pth at iteration 11" in open(os.path.join(runs["resumed"], "logs", "log.txt")).read()
+    expected, got = (_losses_by_iteration(runs[name]) for name in ("straight", "resumed"))
+    assert sorted(expected) == list(range(16)) and sorted(got) == list(range(12, 16))
+    for iteration in range(12, 16):
+        torch.testing.assert_close(torch.tensor(got[iteration]), torch.tensor(expected[iteration]), rtol=0, atol=1e-6,
+                                   msg=f"iteration {iteration}")  # fmt: skip
+    for rank in (0, 1):  # rank 0's file holds the full model and optimizer, every rank's its scaler and RNG
+        final = [torch.load(os.path.join(runs[name], f"model_final.rank_{rank}.pth"), weights_only=False)
+                 for name in ("straight", "resumed")]  # fmt: skip
+        assert final[0]["scaler"] == final[1]["scaler"]
+        assert final[0]["scaler"]["scale"] < 2.0**16 and final[0]["scaler"]["_growth_tracker"] >= 2  # it stepped
+        rng = [f["rng"] for f in final]
+        assert rng[1]["python"] == rng[0]["python"] and torch.equal(rng[1]["torch"], rng[0]["torch"])
+        assert len(rng[1]["numpy"]) == len(rng[0]["numpy"])  # (name, key tensor, position, gaussian flag, cached)
+        for got_part, expected_part in zip(rng[1]["numpy"], rng[0]["numpy"]):
+            assert torch.equal(got_part, expected_part) if torch.is_tensor(got_part) else got_part == expected_part
+        if rank == 0:
+            assert list(final[1]["model"]) == list(final[0]["model"])
+            torch.testing.assert_close(final[1]["model"], final[0]["model"], rtol=0, atol=0)
+            torch.testing.assert_close(final[1]["optimizer"]["state"], final[0]["optimizer"]["state"], rtol=0, atol=0)
+            assert final[1]["optimizer"]["param_groups"] == final[0]["optimizer"]["param_groups"]
