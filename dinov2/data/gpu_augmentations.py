@@ -11,7 +11,8 @@ the rate a small ViT trains. With this path the work is split in three:
 2. `collate_encoded_crops`: packs the bytes and the crop parameters of a batch into tensors (crop-major order, as
    `collate_data_and_cast`) and draws the iBOT masks exactly as that function does.
 3. `GPUMultiCropAugmentation` (training process, model device): decodes the JPEGs in batches of
-   `crops.gpu_decode_batch_size` images (`torchvision.io.decode_jpeg` on the device: nvJPEG on CUDA), crops and
+   `crops.gpu_decode_batch_size` images (`torchvision.io.decode_jpeg` on the device: nvJPEG on CUDA; a JPEG that
+   nvJPEG rejects is decoded on the CPU instead, with a warning, and one that fails there too names its file), crops and
    resizes every box (bicubic, antialiased), then flips, colour-jitters (each crop's own factors and order, each
    operation on just the crops that take it), grayscales, blurs (9 taps, reflect padding), solarizes and normalises
    all crops of a size at once with per-crop parameter tensors. Pixels are floats in [0, 1] throughout (no uint8
@@ -241,6 +242,7 @@ class GPUMultiCropAugmentation:
         self.dtype = dtype
         self.decode_batch_size = decode_batch_size
         self.side_stream = side_stream
+        self.num_decoded_on_cpu = 0  # JPEGs the device's decoder rejected (see `_decode_one`)
         self._streams: Dict[torch.device, Any] = {}
         self.mean, self.std = tuple(mean), tuple(std)
         self._normalization: Dict[torch.device, Tuple[torch.Tensor, torch.Tensor]] = {}
@@ -268,12 +270,25 @@ class GPUMultiCropAugmentation:
                 images[i] = batch["decoded_images"][i].to(device, non_blocking=True)
         return images
 
-    @staticmethod
-    def _decode_one(batch: Dict[str, Any], index: int, device: torch.device) -> torch.Tensor:
+    def _decode_one(self, batch: Dict[str, Any], index: int, device: torch.device) -> torch.Tensor:
+        """One JPEG on `device`. One that the device's decoder rejects (nvJPEG lacks some JPEG variants) is decoded
+        on the CPU and copied over, with a warning; one that fails there too raises, naming its file."""
+        data, path = batch["encoded_images"][index], batch["image_paths"][index]
         try:
-            return decode_jpeg(batch["encoded_images"][index], mode=ImageReadMode.RGB, device=device)
+            return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
         except RuntimeError as e:
-            raise ImageDecodeError(f"can not decode JPEG {batch['image_paths'][index]}: {e}") from e
+            if device.type == "cpu":
+                raise ImageDecodeError(f"can not decode JPEG {path}: {e}") from e
+            device_error = e
+        try:
+            image = decode_jpeg(data, mode=ImageReadMode.RGB)
+        except RuntimeError as e:
+            raise ImageDecodeError(f"can not decode JPEG {path}: {e} (on {device}: {device_error})") from e
+        if self.num_decoded_on_cpu == 0:
+            logger.warning("gpu_augmentation: %s could not be decoded on %s (%s); decoded on the CPU instead, as "
+                           "further such images will be without a warning", path, device, device_error)  # fmt: skip
+        self.num_decoded_on_cpu += 1
+        return image.to(device)
 
     @staticmethod
     def _boxes_by_image(batch: Dict[str, Any], kind: str) -> Dict[int, List[Tuple[int, List[int]]]]:

@@ -310,6 +310,37 @@ def test_broken_images_name_their_file(tmp_path, monkeypatch):
         _render(samples)
 
 
+def test_a_jpeg_the_device_decoder_rejects_is_decoded_on_the_cpu(monkeypatch, caplog):
+    """nvJPEG lacks some JPEG variants: such an image is decoded on the CPU and copied to the device (a warning names
+    the first one); a file the CPU cannot decode either raises, naming it and both errors. The device is `meta` here,
+    its decoder a fake that rejects everything."""
+    import dinov2.data.gpu_augmentations as gpu_augmentations
+
+    real_decode = gpu_augmentations.decode_jpeg
+
+    def device_decode(data, mode, device=torch.device("cpu")):
+        if device.type != "cpu":
+            raise RuntimeError("nvjpeg: unsupported JPEG")
+        return real_decode(data, mode=mode)
+
+    monkeypatch.setattr(gpu_augmentations, "decode_jpeg", device_decode)
+    jpegs = [_photo_jpeg(40, 30, seed=0), _photo_jpeg(50, 20, seed=1, mode="L")]
+    batch = {"encoded_images": [torch.frombuffer(bytearray(j), dtype=torch.uint8) for j in jpegs],
+             "decoded_images": [None, None], "image_paths": ["/data/a.jpg", "/data/b.jpg"]}  # fmt: skip
+    render = GPUMultiCropAugmentation(torch.float32)
+    with caplog.at_level("WARNING", logger="dinov2"):
+        images = render.decode(batch, range(2), torch.device("meta"))
+    assert [(image.device.type, tuple(image.shape)) for image in images.values()] == [("meta", (3, 30, 40)),
+                                                                                      ("meta", (3, 20, 50))]
+    assert render.num_decoded_on_cpu == 2
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "/data/a.jpg could not be decoded on meta (nvjpeg: unsupported JPEG)" in warnings[0]
+
+    batch["encoded_images"][1] = batch["encoded_images"][1][:200]  # truncated inside the entropy-coded data
+    with pytest.raises(ImageDecodeError, match=r"/data/b\.jpg: .*\(on meta: nvjpeg: unsupported JPEG\)"):
+        render.decode(batch, range(2), torch.device("meta"))
+
+
 def test_cuda_stream_is_drained_before_each_decode(monkeypatch):
     """nvJPEG writes memory the current stream may still be reading (pytorch/vision#9606): each decode call on a CUDA
     device (one per chunk) comes after a synchronisation of that stream (simulated: no GPU here); none on the CPU."""
