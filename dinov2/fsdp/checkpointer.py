@@ -49,7 +49,9 @@ def _rankstr(rank: Optional[int] = None) -> str:
 
 
 def get_rng_state() -> Dict[str, Any]:
-    """RNG states of python, numpy, torch (and CUDA) as tensors / plain python values (weights_only-loadable)."""
+    """RNG states of python, numpy, torch and, on CUDA, this rank's device (the others belong to other ranks; a
+    list of every visible device's would not load where a node shows fewer) as tensors / plain python values
+    (weights_only-loadable)."""
     py_version, py_state, py_gauss = random.getstate()
     np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
     state = {
@@ -58,7 +60,7 @@ def get_rng_state() -> Dict[str, Any]:
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -70,7 +72,7 @@ def set_rng_state(state: Dict[str, Any]) -> None:
     np.random.set_state((np_name, np_keys.numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def _check_weights_only_value(value: Any, key: str) -> None:

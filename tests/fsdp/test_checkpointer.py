@@ -98,6 +98,22 @@ def test_round_trip_at_world_size_one_resumes_identically(tmp_path, wrap, caplog
         assert torch.equal(resumed[key], straight[key]), key
 
 
+def test_cuda_rng_state_is_this_ranks_device_only(monkeypatch):
+    """On CUDA the state of the rank's own device is saved and restored (simulated: no GPU here), not the list of
+    every visible device's, which would not load on a node that shows fewer devices."""
+    states = {"current": torch.arange(4, dtype=torch.uint8)}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda: states["current"].clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state: states.update(current=state))
+    for name in ("get_rng_state_all", "set_rng_state_all"):
+        monkeypatch.setattr(torch.cuda, name, lambda *args: pytest.fail("all devices' RNG states were used"))
+    saved = checkpointer_module.get_rng_state()
+    assert sorted(saved) == ["cuda", "numpy", "python", "torch"] and torch.equal(saved["cuda"], torch.arange(4))
+    states["current"] = torch.zeros(4, dtype=torch.uint8)
+    checkpointer_module.set_rng_state(saved)
+    assert torch.equal(states["current"], torch.arange(4, dtype=torch.uint8))
+
+
 def test_files_are_weights_only_with_expected_entries(tmp_path):
     model, opt = build(0)
     step(model, opt, 0)
