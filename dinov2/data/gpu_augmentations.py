@@ -276,6 +276,8 @@ class GPUMultiCropAugmentation:
         data, path = batch["encoded_images"][index], batch["image_paths"][index]
         try:
             return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+        except torch.cuda.OutOfMemoryError:
+            raise  # a full device, not a JPEG it cannot decode
         except RuntimeError as e:
             if device.type == "cpu":
                 raise ImageDecodeError(f"can not decode JPEG {path}: {e}") from e
@@ -285,8 +287,8 @@ class GPUMultiCropAugmentation:
         except RuntimeError as e:
             raise ImageDecodeError(f"can not decode JPEG {path}: {e} (on {device}: {device_error})") from e
         if self.num_decoded_on_cpu == 0:
-            logger.warning("gpu_augmentation: %s could not be decoded on %s (%s); decoded on the CPU instead, as "
-                           "further such images will be without a warning", path, device, device_error)  # fmt: skip
+            logger.warning("gpu_augmentation: %s could not be decoded on %s (%s), so it was decoded on the CPU; "
+                           "further such images are too, without a warning", path, device, device_error)  # fmt: skip
         self.num_decoded_on_cpu += 1
         return image.to(device)
 

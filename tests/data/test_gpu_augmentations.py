@@ -312,8 +312,8 @@ def test_broken_images_name_their_file(tmp_path, monkeypatch):
 
 def test_a_jpeg_the_device_decoder_rejects_is_decoded_on_the_cpu(monkeypatch, caplog):
     """nvJPEG lacks some JPEG variants: such an image is decoded on the CPU and copied to the device (a warning names
-    the first one); a file the CPU cannot decode either raises, naming it and both errors. The device is `meta` here,
-    its decoder a fake that rejects everything."""
+    the first one); a file the CPU cannot decode either raises, naming it and both errors; a device out of memory
+    raises as such. The device is `meta` here, its decoder a fake that rejects everything."""
     import dinov2.data.gpu_augmentations as gpu_augmentations
 
     real_decode = gpu_augmentations.decode_jpeg
@@ -339,6 +339,13 @@ def test_a_jpeg_the_device_decoder_rejects_is_decoded_on_the_cpu(monkeypatch, ca
     batch["encoded_images"][1] = batch["encoded_images"][1][:200]  # truncated inside the entropy-coded data
     with pytest.raises(ImageDecodeError, match=r"/data/b\.jpg: .*\(on meta: nvjpeg: unsupported JPEG\)"):
         render.decode(batch, range(2), torch.device("meta"))
+
+    def full_device(data, mode, device=torch.device("cpu")):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(gpu_augmentations, "decode_jpeg", full_device)  # not a JPEG problem: no CPU decode
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        render.decode(batch, range(1), torch.device("meta"))
 
 
 def test_cuda_stream_is_drained_before_each_decode(monkeypatch):
