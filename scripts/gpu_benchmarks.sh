@@ -103,14 +103,19 @@ case "$STAGE" in
         --batch-size 256 --warmup 5 --iters 20 $compile
     done
     ;;
-  data)  # the CPU paths with 16 workers, and the GPU path (workers + decode/augment on the GPU) end to end
-    bench scripts/benchmark.py data --num-workers 16 --batch-size 64 --num-samples 1024 --repeats 2 \
-      --path all --image-size 640x480 1920x1440 4000x3000
+  data)  # the CPU paths with 16 workers, and the GPU path (workers + decode/augment on the GPU) end to end; one
+    # process per JPEG size, so each size's lines are kept even if a later one is cut short. Each measurement times
+    # one wave of 512 samples (16 workers x 32) after an untimed one: about 3 minutes in all on the H100 machine
+    for size in 640x480 1920x1440 4000x3000; do
+      bench scripts/benchmark.py data --num-workers 16 --batch-size 32 --num-samples 512 --repeats 1 \
+        --path all --image-size "$size"
+    done
     ;;
   e2e)  # real JPEG loading: ViT-S/14 training on generated E2E_SIZE-px photos: CPU fast path, crops.gpu_augmentation
     # on its side stream, and on the training stream
     data_root=${E2E_DATA:-outputs/bbu_e2e_${E2E_SIZE:-1920}}
-    [ -d "$data_root" ] || "$PYTHON" scripts/make_sample_bbu.py "$data_root" --groups 100 --size "${E2E_SIZE:-1920}"
+    [ -d "$data_root" ] || "$PYTHON" scripts/make_sample_bbu.py "$data_root" --groups "${E2E_GROUPS:-40}" \
+      --size "${E2E_SIZE:-1920}"
     for variant in "false false" "true true" "true false"; do
       read -r gpu side <<< "$variant"
       out=outputs/e2e_gpu_augmentation_${gpu}_side_stream_$side

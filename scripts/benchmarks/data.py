@@ -3,7 +3,9 @@
 Reads `--dataset` (a dataset string, e.g. BBU:root=<R>:split=TRAIN) or, without it, synthetic JPEGs of each
 `--image-size` written to a temporary folder (smooth gradient + mild noise + rectangles, quality 90).
 With `--num-workers 0` the samples are produced in this process on one thread; otherwise by a DataLoader whose
-workers each use one thread (PyTorch's default in workers). The first batch (worker start-up) is not timed.
+workers each use one thread (PyTorch's default in workers). The first batch of every worker (start-up, made in
+parallel) is not timed, and the timed batches are whole waves of one batch per worker, so `--num-samples` is rounded
+up to a multiple of batch size x workers.
 On a shared machine use `--repeats`: the paths are measured in turn and the best run is the least disturbed one.
 
 Paths: `reference` (torchvision PIL pipeline), `fast` (draft decode, crop first; the default), `gpu`
@@ -112,8 +114,18 @@ def _batch_steps(path: str, args: argparse.Namespace) -> Tuple[Callable, Callabl
     return collate, finish
 
 
+def _timed_batches(num_samples: int, batch_size: int, num_workers: int) -> int:
+    """Batches to time: at least `num_samples` samples, in whole waves of one batch per worker, so that every worker
+    contributes equally and no batch made before the clock started is counted."""
+    waves = max(1, -(-num_samples // (batch_size * num_workers)))
+    return waves * num_workers
+
+
 def _measure(dataset, path: str, args: argparse.Namespace) -> Tuple[int, float]:
-    """(samples, seconds) to produce about args.num_samples samples, after an untimed warm-up sample or batch."""
+    """(samples, seconds) to produce at least args.num_samples samples. In-process: after one untimed sample. With
+    workers: after one untimed batch per worker, because the workers make their first batches at the same time, so
+    after the first batch arrives the others are ready at once and timing them would count work done off the clock
+    (16 workers x 64 samples: 1024 samples that seem free)."""
     collate, finish = _batch_steps(path, args)
     if args.num_workers == 0:
         torch.set_num_threads(1)
@@ -132,8 +144,9 @@ def _measure(dataset, path: str, args: argparse.Namespace) -> Tuple[int, float]:
         collate_fn=collate,
     )
     batches = iter(loader)
-    finish(next(batches))
-    num_batches = max(1, -(-args.num_samples // args.batch_size))
+    for _ in range(args.num_workers):  # the first wave: every worker's first batch, made in parallel before timing
+        finish(next(batches))
+    num_batches = _timed_batches(args.num_samples, args.batch_size, args.num_workers)
     start = time.perf_counter()
     for _ in range(num_batches):
         finish(next(batches))

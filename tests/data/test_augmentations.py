@@ -482,24 +482,3 @@ def test_dataset_hands_unloaded_image(tmp_path):
     )
     sample, target = dataset[1]
     assert target == () and len(sample["local_crops"]) == 2 and sample["global_crops"][0].shape == (3, 224, 224)
-
-
-def test_data_benchmark_runs_on_synthetic_jpegs():
-    import argparse
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
-    from benchmarks import data as data_benchmark
-
-    parser = argparse.ArgumentParser()
-    data_benchmark.add_arguments(parser)
-    args = parser.parse_args(["--image-size", "120x90", "--path", "all", "--num-samples", "2", "--repeats", "1",
-                              "--local-crops-number", "2", "--device", "cpu"])
-    records = data_benchmark.run(args)
-    assert [(r["path"], r["image_size"], r["num_samples"], r["device"]) for r in records] == [
-        ("reference", "120x90", 2, "cpu"),
-        ("fast", "120x90", 2, "cpu"),
-        ("gpu", "120x90", 2, "cpu"),
-    ]
-    assert all(r["samples_per_s"] > 0 and r["crops"] == "2x224 + 2x96" for r in records)
