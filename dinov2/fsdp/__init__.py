@@ -9,6 +9,7 @@ group (it all-reduces found-inf flags). With fp32 parameters on CPU the training
 """
 
 import functools
+import warnings
 from typing import Any, Callable, List, Set, Type
 
 import torch
@@ -47,6 +48,9 @@ _SHARDING_STRATEGIES = {
 }
 
 
+_BLOCK_CHUNK_WARNING = r"FSDP will not all-gather parameters for containers that do not implement forward: BlockChunk\("
+
+
 def _sharding_strategy(value: Any) -> ShardingStrategy:
     if value not in _SHARDING_STRATEGIES:
         raise ValueError(f"sharding_strategy={value!r} is not supported (use one of {sorted(_SHARDING_STRATEGIES)})")
@@ -69,10 +73,19 @@ def _broadcast_module_states(module: nn.Module) -> None:
             dist.broadcast(tensor.data, src=0)
 
 
+def _fsdp(module: nn.Module, **fsdp_kwargs: Any) -> FSDP:
+    """`FSDP(module, **fsdp_kwargs)`, without FSDP's warning that a wrapped `BlockChunk` would not all-gather its
+    parameters: FSDP says so of every `nn.ModuleList` it wraps, with the chunk's whole repr (dozens of log lines per
+    chunk), but `BlockChunk` has a forward, so FSDP does all-gather it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_BLOCK_CHUNK_WARNING, category=UserWarning)
+        return FSDP(module, **fsdp_kwargs)
+
+
 def _fsdp_on_cpu(module: nn.Module, *, sync_module_states: bool, **fsdp_kwargs: Any) -> FSDP:
     if sync_module_states:
         _broadcast_module_states(module)
-    return FSDP(module, device_id=torch.device("cpu"), sync_module_states=False, **fsdp_kwargs)
+    return _fsdp(module, device_id=torch.device("cpu"), sync_module_states=False, **fsdp_kwargs)
 
 
 def get_fsdp_wrapper(
@@ -97,7 +110,7 @@ def get_fsdp_wrapper(
         auto_wrap_policy=ModuleWrapPolicy(modules_to_wrap),
     )
     if torch.cuda.is_available():
-        return functools.partial(FSDP, device_id=distributed.get_local_rank(), **fsdp_kwargs)
+        return functools.partial(_fsdp, device_id=distributed.get_local_rank(), **fsdp_kwargs)
     return functools.partial(_fsdp_on_cpu, **fsdp_kwargs)
 
 

@@ -79,6 +79,34 @@ def test_single_process_fsdp_is_not_sharded_and_matches_plain_module(monkeypatch
         distributed.disable()
 
 
+class ListWithoutForward(nn.ModuleList):
+    """A container FSDP really cannot all-gather for (no forward of its own)."""
+
+
+def test_wrapping_block_chunks_does_not_warn_but_other_containers_still_do(monkeypatch):
+    # FSDP warns of every nn.ModuleList it wraps, with its repr; BlockChunk has a forward, so that warning is wrong
+    # for it and filling the training log with the chunks' reprs. The filter must leave the warning for others.
+    from dinov2.models.vision_transformer import BlockChunk, vit_tiny
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "SLURM_JOB_ID"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    distributed.enable()
+    try:
+        backbone = vit_tiny(img_size=32, block_chunks=2)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            wrapped = get_fsdp_wrapper(cfg("SHARD_GRAD_OP", "fp32"), {BlockChunk})(backbone)
+        assert len(get_fsdp_modules(wrapped)) == 3  # the root and the two chunks
+        assert not [w for w in caught if "containers that do not implement forward" in str(w.message)]
+        with pytest.warns(UserWarning, match="containers that do not implement forward: ListWithoutForward"):
+            get_fsdp_wrapper(cfg("SHARD_GRAD_OP", "fp32"), {ListWithoutForward})(
+                nn.Sequential(ListWithoutForward([nn.Linear(2, 2)]))
+            )
+    finally:
+        distributed.disable()
+
+
 def test_sharded_grad_scaler_default_is_enabled_only_with_cuda():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "CUDA is not available. Disabling."
