@@ -105,7 +105,8 @@ case "$STAGE" in
     ;;
   data)  # the CPU paths with 16 workers, and the GPU path (workers + decode/augment on the GPU) end to end; one
     # process per JPEG size, so each size's lines are kept even if a later one is cut short. Each measurement times
-    # one wave of 512 samples (16 workers x 32) after an untimed one: about 3 minutes in all on the H100 machine
+    # one wave of 512 samples (16 workers x 32) after an untimed one: about 3 minutes in all on the H100 machine by
+    # the rates of 2026-11-24 (an estimate: this stage has not run there in this form yet)
     for size in 640x480 1920x1440 4000x3000; do
       bench scripts/benchmark.py data --num-workers 16 --batch-size 32 --num-samples 512 --repeats 1 \
         --path all --image-size "$size"

@@ -125,7 +125,7 @@ def _measure(dataset, path: str, args: argparse.Namespace) -> Tuple[int, float]:
     """(samples, seconds) to produce at least args.num_samples samples. In-process: after one untimed sample. With
     workers: after one untimed batch per worker, because the workers make their first batches at the same time, so
     after the first batch arrives the others are ready at once and timing them would count work done off the clock
-    (16 workers x 64 samples: 1024 samples that seem free)."""
+    (with 16 workers and batches of 64, 960 samples that seem free)."""
     collate, finish = _batch_steps(path, args)
     if args.num_workers == 0:
         torch.set_num_threads(1)
