@@ -46,6 +46,8 @@ FP16=$(precision fp16 true param_dtype)  # upstream's default GPU precision, for
 ARCH_L16="student.arch=vit_large student.patch_size=16 crops.local_crops_size=96"
 ARCH_B14="student.arch=vit_base student.patch_size=14 crops.local_crops_size=98"
 ARCH_S14="student.arch=vit_small student.patch_size=14 crops.local_crops_size=98"
+EXTRACT=(scripts/benchmark.py extract --arch vit_large --patch-size 14 --img-size 224 --dtype bf16 --batch-size 256
+         --warmup 5)
 TRAIN=(scripts/benchmark.py train --config-file dinov2/configs/train/vitl16_short.yaml --warmup "$WARMUP"
        --iterations "$ITERATIONS" --runs "$RUNS" --peak-tflops "$PEAK_TFLOPS")
 
@@ -99,8 +101,7 @@ case "$STAGE" in
     ;;
   extract)
     for compile in "" "--compile"; do
-      bench scripts/benchmark.py extract --arch vit_large --patch-size 14 --img-size 224 --dtype bf16 \
-        --batch-size 256 --warmup 5 --iters 20 $compile
+      bench "${EXTRACT[@]}" --iters 20 $compile
     done
     ;;
   data)  # the CPU paths with 16 workers, and the GPU path (workers + decode/augment on the GPU) end to end; one
@@ -164,7 +165,8 @@ print(json.dumps({"benchmark": "smoke", "run": run, "last_iteration": rows[-1]["
 PY
     done
     ;;
-  profile)  # traces and operator tables of each architecture (fp16, plain and compiled) into $PROFILE_DIR
+  profile)  # traces and operator tables of each architecture (fp16, plain and compiled) and of the extraction
+    # (plain and compiled) into $PROFILE_DIR/compile_{false,true}
     for arch in "$ARCH_L16" "$ARCH_B14" "$ARCH_S14"; do
       for compile in false true; do
         # shellcheck disable=SC2086
@@ -172,6 +174,8 @@ PY
           train.compile=$compile $EXTRA
       done
     done
+    bench "${EXTRACT[@]}" --iters 5 --profile "$PROFILE_DIR/compile_false"
+    bench "${EXTRACT[@]}" --iters 5 --profile "$PROFILE_DIR/compile_true" --compile
     ;;
   summary)  # the results so far as markdown tables against the anchor
     "$PYTHON" scripts/benchmark.py summary --results "$RESULTS"

@@ -3,7 +3,8 @@ token, inference mode) on synthetic normalised images, and peak memory on CUDA.
 
 The backbone is randomly initialised from the default config with `--arch/--patch-size/--img-size`; data loading is
 not measured (see the `data` benchmark). The first `--warmup` batches are not timed (with `--compile`, warm up
-at least one batch: the graphs are built then).
+at least one batch: the graphs are built then). `--profile DIR` then profiles `--profile-iterations` more batches
+(see `profiling.py`): trace, operator table, kernels per batch and GPU busy fraction on CUDA.
 """
 
 import argparse
@@ -17,6 +18,8 @@ from dinov2.configs import dinov2_default_config
 from dinov2.eval.features import MAX_BLOCKS, ProbeFeatureModel
 from dinov2.eval.utils import make_autocast_ctx
 from dinov2.models import build_model_from_cfg
+
+from .profiling import profile_iterations
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -33,6 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--iters", type=int, default=3, help="timed batches")
     parser.add_argument("--compile", action="store_true", help="torch.compile the blocks (compiled during warm-up)")
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend with --compile")
+    parser.add_argument("--profile", default=None, metavar="DIR", help="write a profiler trace and table to DIR")
+    parser.add_argument("--profile-iterations", type=int, default=3, help="batches under the profiler")
 
 
 def run(args: argparse.Namespace) -> List[Dict[str, object]]:
@@ -63,21 +68,23 @@ def run(args: argparse.Namespace) -> List[Dict[str, object]]:
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
     peak_mib = round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda" else None
-    return [
-        {
-            "benchmark": "extract",
-            "arch": args.arch,
-            "patch_size": args.patch_size,
-            "img_size": args.img_size,
-            "batch_size": args.batch_size,
-            "dtype": args.dtype,
-            "device": str(device),
-            "threads": torch.get_num_threads(),
-            "n_blocks": n_blocks,
-            "compile": args.compile,
-            "torch": torch.__version__,
-            "images_per_s": round(args.iters * args.batch_size / seconds, 2),
-            "ms_per_batch": round(1000 * seconds / args.iters, 2),
-            "peak_memory_mib": peak_mib,
-        }
-    ]
+    record = {
+        "benchmark": "extract",
+        "arch": args.arch,
+        "patch_size": args.patch_size,
+        "img_size": args.img_size,
+        "batch_size": args.batch_size,
+        "dtype": args.dtype,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "n_blocks": n_blocks,
+        "compile": args.compile,
+        "torch": torch.__version__,
+        "images_per_s": round(args.iters * args.batch_size / seconds, 2),
+        "ms_per_batch": round(1000 * seconds / args.iters, 2),
+        "peak_memory_mib": peak_mib,
+    }
+    if args.profile:
+        tag = f"extract_{args.arch}_{args.dtype}"
+        record["profile"] = profile_iterations(lambda _: model(images), 0, args.profile_iterations, args.profile, tag)
+    return [record]

@@ -22,7 +22,6 @@ Heads: 2 * tokens * sum of in x out over the head's Linear layers.
 """
 
 import argparse
-import os
 import random
 import statistics
 import time
@@ -38,6 +37,8 @@ from dinov2.data.collate import mask_args_from_cfg
 from dinov2.train.ssl_meta_arch import SSLMetaArch
 from dinov2.train.train import apply_optim_scheduler, build_optimizer, build_schedulers, input_dtype, optimizer_step
 from dinov2.utils.config import apply_scaling_rules_to_cfg, get_cfg_from_args
+
+from .profiling import profile_iterations
 
 # Dense fp16/bf16 tensor-core peaks (TFLOP/s) for MFU when --peak-tflops is not given.
 KNOWN_PEAK_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "V100": 125.0, "L40S": 362.1, "A10": 125.0}
@@ -152,49 +153,6 @@ def _peak_tflops(args: argparse.Namespace, device: torch.device) -> Optional[flo
         return None
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in KNOWN_PEAK_TFLOPS.items() if k in name), None)
-
-
-def _busy_fraction(intervals: List[Tuple[float, float]], wall_us: float) -> float:
-    """Length of the union of [start, end) intervals over `wall_us`."""
-    busy, current_end = 0.0, float("-inf")
-    for start, end in sorted(intervals):
-        if end <= current_end:
-            continue
-        busy += end - max(start, current_end)
-        current_end = end
-    return busy / wall_us if wall_us > 0 else 0.0
-
-
-def profile_iterations(step: Callable[[int], float], first_it: int, iterations: int, out_dir: str, tag: str) -> Dict:
-    """Profile `iterations` calls of `step`; write `<tag>.trace.json` and `<tag>.ops.txt` to `out_dir`."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    cuda = torch.cuda.is_available()
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    os.makedirs(out_dir, exist_ok=True)
-    with profile(activities=activities) as prof:
-        start = time.perf_counter()
-        for it in range(first_it, first_it + iterations):
-            step(it)
-        wall_us = (time.perf_counter() - start) * 1e6
-    trace = os.path.join(out_dir, f"{tag}.trace.json")
-    table = os.path.join(out_dir, f"{tag}.ops.txt")
-    prof.export_chrome_trace(trace)
-    sort_by = "self_cuda_time_total" if cuda else "self_cpu_time_total"
-    with open(table, "w") as f:
-        f.write(prof.key_averages().table(sort_by=sort_by, row_limit=40) + "\n")
-    events = prof.events()
-    result: Dict[str, object] = {"trace": trace, "table": table, "iterations": iterations}
-    if cuda:
-        kernels = [e for e in events if e.device_type == DeviceType.CUDA]
-        result["kernels_per_iter"] = round(len(kernels) / iterations, 1)
-        intervals = [(e.time_range.start, e.time_range.end) for e in kernels]
-        result["gpu_busy_fraction"] = round(_busy_fraction(intervals, wall_us), 3)
-    else:
-        aten = [e for e in events if e.device_type == DeviceType.CPU and e.name.startswith("aten::")]
-        result["aten_ops_per_iter"] = round(len(aten) / iterations, 1)
-    return result
 
 
 def run(args: argparse.Namespace) -> List[Dict]:

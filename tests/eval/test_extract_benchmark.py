@@ -1,6 +1,7 @@
 """scripts/benchmarks/extract.py: one JSON record of feature-extraction speed (tiny model, CPU)."""
 
 import argparse
+import json
 import importlib
 from pathlib import Path
 
@@ -45,3 +46,13 @@ def test_extract_benchmark_compiled_blocks(extract, monkeypatch):
     (record,) = extract.run(_parser(extract).parse_args(TINY + ["--compile", "--compile-backend", "aot_eager"]))
     assert record["compile"] is True and record["images_per_s"] > 0
     assert all(block._compiled_call_impl is not None for block in compiled[0].flat_blocks())
+
+
+def test_extract_benchmark_profile(extract, tmp_path):
+    (record,) = extract.run(_parser(extract).parse_args([*TINY, "--profile", str(tmp_path), "--profile-iterations", "2"]))
+    profile = record["profile"]
+    assert profile["iterations"] == 2 and profile["aten_ops_per_iter"] > 20
+    assert profile["trace"] == str(tmp_path / "extract_vit_tiny_fp32.trace.json")
+    with open(profile["trace"]) as f:
+        assert any(e.get("name") == "aten::linear" for e in json.load(f)["traceEvents"])
+    assert "aten::linear" in open(profile["table"]).read()

@@ -70,11 +70,6 @@ def test_train_benchmark_record_with_runs_and_profile(benchmarks, tmp_path):
     assert "aten::mm" in open(profile["table"]).read()
 
 
-def test_busy_fraction_is_the_union_of_intervals(benchmarks):
-    train_bench, _ = benchmarks
-    assert train_bench._busy_fraction([(0, 10), (5, 15), (20, 30), (22, 25)], 40) == 0.625
-
-
 def test_parity_of_compiled_checkpointed_training_with_the_reference(benchmarks):
     """On the CPU both runs are fp32, so compiled (aot_eager) and checkpointed blocks must match exactly."""
     _, parity = benchmarks
