@@ -47,64 +47,61 @@ def test_bad_config_values_name_the_key(bad, key):
         get_fsdp_wrapper(bad)
 
 
-def test_single_process_fsdp_is_not_sharded_and_matches_plain_module(monkeypatch):
+@pytest.fixture
+def single_cpu_process(monkeypatch):
+    """A one-process gloo group on the CPU path (also on GPU machines), taken down afterwards."""
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "SLURM_JOB_ID"):
         monkeypatch.delenv(key, raising=False)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the CPU (gloo) path, also on GPU machines
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     distributed.enable()
-    try:
-        torch.manual_seed(0)
-        plain = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
-        torch.manual_seed(0)
-        wrapper = get_fsdp_wrapper(cfg("SHARD_GRAD_OP", "fp32"), {nn.Linear})
-        wrapped = wrapper(nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)))
-        assert is_fsdp(wrapped) and not is_fsdp(plain)
-        assert len(get_fsdp_modules(wrapped)) == 3
-        assert not any(is_sharded_fsdp(m) for m in get_fsdp_modules(wrapped))  # FSDP uses NO_SHARD at world size 1
-        x = torch.randn(5, 3)
-        torch.testing.assert_close(wrapped(x), plain(x))
-        reshard_fsdp_model(wrapped)  # nothing to free, must not break the module
-        torch.testing.assert_close(wrapped(x), plain(x))
-        assert rankstr() == "rank_0"
-        # ShardedGradScaler on CPU: device="cpu" works once a process group exists (it all-reduces found_inf)
-        scaler = ShardedGradScaler(device="cpu", init_scale=1024.0)
-        p = nn.Parameter(torch.ones(2))
-        sgd = torch.optim.SGD([p], lr=0.5)
-        scaler.scale((p * torch.tensor([3.0, -1.0])).sum()).backward()
-        assert torch.equal(p.grad, torch.tensor([3072.0, -1024.0]))
-        scaler.step(sgd)
-        scaler.update()
-        assert torch.equal(p.detach(), torch.tensor([-0.5, 1.5]))
-    finally:
-        distributed.disable()
+    yield
+    distributed.disable()
+
+
+def test_single_process_fsdp_is_not_sharded_and_matches_plain_module(single_cpu_process):
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    torch.manual_seed(0)
+    wrapper = get_fsdp_wrapper(cfg("SHARD_GRAD_OP", "fp32"), {nn.Linear})
+    wrapped = wrapper(nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)))
+    assert is_fsdp(wrapped) and not is_fsdp(plain)
+    assert len(get_fsdp_modules(wrapped)) == 3
+    assert not any(is_sharded_fsdp(m) for m in get_fsdp_modules(wrapped))  # FSDP uses NO_SHARD at world size 1
+    x = torch.randn(5, 3)
+    torch.testing.assert_close(wrapped(x), plain(x))
+    reshard_fsdp_model(wrapped)  # nothing to free, must not break the module
+    torch.testing.assert_close(wrapped(x), plain(x))
+    assert rankstr() == "rank_0"
+    # ShardedGradScaler on CPU: device="cpu" works once a process group exists (it all-reduces found_inf)
+    scaler = ShardedGradScaler(device="cpu", init_scale=1024.0)
+    p = nn.Parameter(torch.ones(2))
+    sgd = torch.optim.SGD([p], lr=0.5)
+    scaler.scale((p * torch.tensor([3.0, -1.0])).sum()).backward()
+    assert torch.equal(p.grad, torch.tensor([3072.0, -1024.0]))
+    scaler.step(sgd)
+    scaler.update()
+    assert torch.equal(p.detach(), torch.tensor([-0.5, 1.5]))
 
 
 class ListWithoutForward(nn.ModuleList):
     """A container FSDP really cannot all-gather for (no forward of its own)."""
 
 
-def test_wrapping_block_chunks_does_not_warn_but_other_containers_still_do(monkeypatch):
+def test_wrapping_block_chunks_does_not_warn_but_other_containers_still_do(single_cpu_process):
     # FSDP warns of every nn.ModuleList it wraps, with its repr; BlockChunk has a forward, so that warning is wrong
     # for it and filling the training log with the chunks' reprs. The filter must leave the warning for others.
     from dinov2.models.vision_transformer import BlockChunk, vit_tiny
 
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "SLURM_JOB_ID"):
-        monkeypatch.delenv(key, raising=False)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    distributed.enable()
-    try:
-        backbone = vit_tiny(img_size=32, block_chunks=2)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            wrapped = get_fsdp_wrapper(cfg("SHARD_GRAD_OP", "fp32"), {BlockChunk})(backbone)
-        assert len(get_fsdp_modules(wrapped)) == 3  # the root and the two chunks
-        assert not [w for w in caught if "containers that do not implement forward" in str(w.message)]
-        with pytest.warns(UserWarning, match="containers that do not implement forward: ListWithoutForward"):
-            get_fsdp_wrapper(cfg("SHARD_GRAD_OP", "fp32"), {ListWithoutForward})(
-                nn.Sequential(ListWithoutForward([nn.Linear(2, 2)]))
-            )
-    finally:
-        distributed.disable()
+    backbone = vit_tiny(img_size=32, block_chunks=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        wrapped = get_fsdp_wrapper(cfg("SHARD_GRAD_OP", "fp32"), {BlockChunk})(backbone)
+    assert len(get_fsdp_modules(wrapped)) == 3  # the root and the two chunks
+    assert not [w for w in caught if "containers that do not implement forward" in str(w.message)]
+    with pytest.warns(UserWarning, match="containers that do not implement forward: ListWithoutForward"):
+        get_fsdp_wrapper(cfg("SHARD_GRAD_OP", "fp32"), {ListWithoutForward})(
+            nn.Sequential(ListWithoutForward([nn.Linear(2, 2)]))
+        )
 
 
 def test_sharded_grad_scaler_default_is_enabled_only_with_cuda():
