@@ -13,6 +13,7 @@
 # Each architecture is measured with fp16 + grad scaler (the anchor's precision) and bf16 without a scaler, each
 # plain and with `train.compile=true`. EXTRA="key=value ..." is appended to every training run. MFU is taken against
 # PEAK_TFLOPS (default 790: the dense fp16/bf16 matrix rate the anchor's MFU figures use for the H100).
+# COMPILE="true" (or "false") runs only that value of `train.compile` in the train-* and profile stages.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -78,7 +79,7 @@ bench() {  # one benchmark run (its JSON line to $RESULTS); a failure is recorde
 train_arch() {  # $1: the arch overrides
   local precision compile
   for precision in "" "$BF16"; do
-    for compile in false true; do
+    for compile in ${COMPILE:-false true}; do
       # shellcheck disable=SC2086  # the override lists are word lists on purpose
       bench "${TRAIN[@]}" $1 $precision train.compile=$compile $EXTRA
     done
@@ -168,7 +169,7 @@ PY
   profile)  # traces and operator tables of each architecture (fp16, plain and compiled) and of the extraction
     # (plain and compiled) into $PROFILE_DIR/compile_{false,true}
     for arch in "$ARCH_L16" "$ARCH_B14" "$ARCH_S14"; do
-      for compile in false true; do
+      for compile in ${COMPILE:-false true}; do
         # shellcheck disable=SC2086
         bench "${TRAIN[@]}" --runs 1 --iterations 10 --profile "$PROFILE_DIR/compile_$compile" $arch \
           train.compile=$compile $EXTRA

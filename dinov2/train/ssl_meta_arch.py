@@ -4,26 +4,35 @@ The student sees 2 global + `crops.local_crops_number` local crops in ONE backbo
 call; the teacher (an EMA of the student, no gradient, no drop path) sees the 2 global crops. Crop pairing as
 upstream: the teacher's two global outputs are swapped, so student global crop 1 is matched with teacher crop 2.
 
-Precision (`mixed_precision_enabled`): on CUDA the FSDP wrappers follow `compute_precision` (fp16 params with a
+Precision (`mixed_precision_enabled`): on CUDA each module follows `compute_precision` (fp16 params with a
 ShardedGradScaler when `compute_precision.grad_scaler`, or bf16 configs with `grad_scaler: false`). On CPU every
 module runs in fp32 and no grad scaler is created whatever the config says, because fp16/bf16 matmuls on CPU are slow
 and fp16 is unstable.
+
+Wrapping (`prepare_for_distributed_training`): with several processes (or `train.single_process_fsdp`) each student
+and teacher module is wrapped in FSDP, which applies the mixed precision. With one process the modules run without
+FSDP: a module in another dtype than its fp32 parameters runs as a `LowPrecisionCopy` (the same maths without FSDP's
+host time), and `self.student` / `self.teacher` keep the fp32 parameters the optimizer, EMA and checkpoints use.
 """
 
 import logging
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
+from torch.nn.attention import sdpa_kernel
 
+import dinov2.distributed as distributed
 from dinov2.fsdp import ShardedGradScaler, get_fsdp_wrapper, reshard_fsdp_model
+from dinov2.fsdp.low_precision import LowPrecisionCopy, cast_forward_inputs
 from dinov2.layers import DINOHead
 from dinov2.loss import DINOLoss, KoLeoLoss, iBOTPatchLoss
 from dinov2.models import build_model_from_cfg
 from dinov2.models.vision_transformer import BlockChunk
+from dinov2.utils.dtype import as_torch_dtype
 from dinov2.utils.param_groups import fuse_params_groups, get_params_groups_with_decay
-from dinov2.utils.utils import check_compile_options, has_batchnorms, load_pretrained_weights
+from dinov2.utils.utils import check_compile_options, has_batchnorms, load_pretrained_weights, sdpa_backends_from_cfg
 
 logger = logging.getLogger("dinov2")
 
@@ -35,6 +44,15 @@ def mixed_precision_enabled() -> bool:
     """Whether `compute_precision` (fp16/bf16 FSDP dtypes, grad scaler) applies: on CUDA only, because fp16/bf16
     matrix products on the CPU are slow. The tests switch it on to run the mixed-precision path on the CPU."""
     return torch.cuda.is_available()
+
+
+def _precision_dtype(precision_cfg: DictConfig, side: str, module: str, kind: str) -> torch.dtype:
+    """`compute_precision.<side>.<module>.mixed_precision.<kind>_dtype` as a torch dtype; errors name the key."""
+    value = precision_cfg[side][module].mixed_precision[f"{kind}_dtype"]
+    try:
+        return as_torch_dtype(value)
+    except ValueError as e:
+        raise ValueError(f"compute_precision.{side}.{module}.mixed_precision.{kind}_dtype={value!r}: {e}") from None
 
 
 def fp32_precision(precision_cfg: DictConfig) -> DictConfig:
@@ -60,12 +78,13 @@ class SSLMetaArch(nn.Module):
 
         student_backbone, teacher_backbone, embed_dim = build_model_from_cfg(cfg)
         student_backbone.set_activation_checkpointing(cfg.train.activation_checkpointing)
+        # the blocks of the backbones that run are compiled in prepare_for_distributed_training
+        self._compile_kwargs: Optional[Dict[str, Any]] = None
         if cfg.train.compile:
-            compile_kwargs = check_compile_options(
+            self._compile_kwargs = check_compile_options(
                 cfg.train.compile_backend, cfg.train.compile_mode, "train.compile_backend", "train.compile_mode"
             )
-            student_backbone.compile_blocks(**compile_kwargs)
-            teacher_backbone.compile_blocks(**compile_kwargs)
+        self.sdpa_backends = sdpa_backends_from_cfg(cfg.train.sdpa_backends, "train.sdpa_backends")
         student_model_dict = {"backbone": student_backbone}
         teacher_model_dict = {"backbone": teacher_backbone}
         self.embed_dim = embed_dim
@@ -104,6 +123,10 @@ class SSLMetaArch(nn.Module):
 
         self.student = nn.ModuleDict(student_model_dict)
         self.teacher = nn.ModuleDict(teacher_model_dict)
+        # what runs the forward of each side: the modules themselves, or their low-precision copies (plain dicts and
+        # lists, so that the copies are neither submodules nor in the state dict)
+        self._run: Dict[str, Any] = {"student": self.student, "teacher": self.teacher}
+        self._copies: Dict[str, List[LowPrecisionCopy]] = {"student": [], "teacher": []}
         self._copy_student_to_teacher()
         for p in self.teacher.parameters():
             p.requires_grad = False
@@ -127,10 +150,13 @@ class SSLMetaArch(nn.Module):
         raise RuntimeError("SSLMetaArch is trained with forward_backward(images, teacher_temp)")
 
     def backprop_loss(self, loss: torch.Tensor) -> None:
+        """Backward (of the scaled loss with a grad scaler); the student parameters then hold the gradients."""
         if self.fp16_scaler is not None:
             self.fp16_scaler.scale(loss).backward()
         else:
             loss.backward()
+        for low_precision in self._copies["student"]:
+            low_precision.grads_to_master()
 
     @property
     def device(self) -> torch.device:
@@ -143,7 +169,8 @@ class SSLMetaArch(nn.Module):
         n_masked_patches = mask_indices_list.shape[0]
         upperbound = images["upperbound"]
 
-        out = self.teacher.backbone(global_crops, is_training=True)
+        teacher = self._run["teacher"]
+        out = teacher["backbone"](global_crops, is_training=True)
         cls_tokens = out["x_norm_clstoken"].chunk(N_GLOBAL_CROPS)
         cls_tokens = torch.cat((cls_tokens[1], cls_tokens[0]))  # crop 2 is the target of student crop 1
         n_cls_tokens = cls_tokens.shape[0]
@@ -157,14 +184,14 @@ class SSLMetaArch(nn.Module):
                 buffer[:offset].copy_(cls_tokens)
             buffer[offset : offset + n_masked_patches].copy_(torch.index_select(patch_tokens, 0, mask_indices_list))
             if self.ibot_separate_head:
-                cls_tokens_after_head = self.teacher.dino_head(cls_tokens)
-                masked_patch_tokens_after_head = self.teacher.ibot_head(buffer)[:n_masked_patches]
+                cls_tokens_after_head = teacher["dino_head"](cls_tokens)
+                masked_patch_tokens_after_head = teacher["ibot_head"](buffer)[:n_masked_patches]
             else:
-                tokens_after_head = self.teacher.dino_head(buffer)
+                tokens_after_head = teacher["dino_head"](buffer)
                 cls_tokens_after_head = tokens_after_head[:n_cls_tokens]
                 masked_patch_tokens_after_head = tokens_after_head[n_cls_tokens : n_cls_tokens + n_masked_patches]
         else:
-            cls_tokens_after_head = self.teacher.dino_head(cls_tokens)
+            cls_tokens_after_head = teacher["dino_head"](cls_tokens)
 
         targets = {}
         if self.centering == "centering":
@@ -187,7 +214,15 @@ class SSLMetaArch(nn.Module):
         return targets
 
     def forward_backward(self, images: Dict[str, Any], teacher_temp: float) -> Dict[str, torch.Tensor]:
-        """One training step's losses (backpropagated) for a batch from `collate_data_and_cast`.
+        """One training step's losses (backpropagated) for a batch from `collate_data_and_cast` (see
+        `_forward_backward`), with attention restricted to `train.sdpa_backends` if set."""
+        if self.sdpa_backends is None:
+            return self._forward_backward(images, teacher_temp)
+        with sdpa_kernel(self.sdpa_backends):
+            return self._forward_backward(images, teacher_temp)
+
+    def _forward_backward(self, images: Dict[str, Any], teacher_temp: float) -> Dict[str, torch.Tensor]:
+        """The losses of one training step, backpropagated.
 
         Normalisation as upstream: with n_local local crops there are 2*n_local local and 2 global DINO terms;
         each DINO term is divided by their total (a mean over pairs), KoLeo is summed over the 2 global crops, and
@@ -207,6 +242,8 @@ class SSLMetaArch(nn.Module):
         n_local_terms = max(n_local_crops * N_GLOBAL_CROPS, 1)
         n_global_terms = (N_GLOBAL_CROPS - 1) * N_GLOBAL_CROPS
         n_terms = n_local_terms + n_global_terms
+        for low_precision in self._copies["teacher"] + self._copies["student"]:
+            low_precision.refresh()  # after the last optimizer step, EMA update or checkpoint load
 
         with torch.no_grad():
             targets = self._teacher_targets(images, teacher_temp)
@@ -214,7 +251,8 @@ class SSLMetaArch(nn.Module):
 
         student_crops = [global_crops, local_crops] if n_local_crops > 0 else [global_crops]
         student_masks = [masks, None] if n_local_crops > 0 else [masks]
-        outputs = self.student.backbone(student_crops, masks=student_masks, is_training=True)
+        student = self._run["student"]
+        outputs = student["backbone"](student_crops, masks=student_masks, is_training=True)
         global_out = outputs[0]
         global_cls = global_out["x_norm_clstoken"]
 
@@ -229,10 +267,10 @@ class SSLMetaArch(nn.Module):
             buffer = patch_tokens.new_zeros(upperbound, patch_tokens.shape[-1])
             buffer[:n_masked_patches].copy_(torch.index_select(patch_tokens, 0, mask_indices_list))
             if self.ibot_separate_head:
-                masked_after_head = self.student.ibot_head(buffer)[:n_masked_patches]
+                masked_after_head = student["ibot_head"](buffer)[:n_masked_patches]
             else:
                 head_inputs.append(buffer)
-        head_outputs = list(self.student.dino_head(torch.cat(head_inputs)).split([t.shape[0] for t in head_inputs]))
+        head_outputs = list(student["dino_head"](torch.cat(head_inputs)).split([t.shape[0] for t in head_inputs]))
         local_cls_after_head = head_outputs.pop(0) if n_local_crops > 0 else None
         global_cls_after_head = head_outputs.pop(0)
         if self.do_ibot and not self.ibot_separate_head:
@@ -289,6 +327,10 @@ class SSLMetaArch(nn.Module):
     def train(self, mode: bool = True) -> "SSLMetaArch":
         super().train(mode)
         self.teacher.eval()
+        for low_precision in self._copies["student"]:
+            low_precision.module.train(mode)
+        for low_precision in self._copies["teacher"]:
+            low_precision.module.eval()
         return self
 
     def get_maybe_fused_params_for_submodel(self, m: nn.Module) -> List[Dict[str, Any]]:
@@ -307,15 +349,41 @@ class SSLMetaArch(nn.Module):
         return all_params_groups
 
     def prepare_for_distributed_training(self) -> None:
-        """Teacher <- student, then wrap each submodule with `dinov2.fsdp.get_fsdp_wrapper` (BlockChunk units)."""
-        logger.info("DISTRIBUTED FSDP -- preparing model for distributed training")
+        """Teacher <- student, then set up what runs each module: with several processes or
+        `train.single_process_fsdp`, `dinov2.fsdp.get_fsdp_wrapper` (BlockChunk units); with one process the module
+        itself, or a `LowPrecisionCopy` where its param_dtype is not its parameters' dtype. Backbone blocks are
+        compiled here (`train.compile`), in whatever runs."""
         if has_batchnorms(self.student):
-            raise TypeError("BatchNorm layers are not supported by the FSDP training path (use LayerNorm)")
+            raise TypeError("BatchNorm layers are not supported by the training path (use LayerNorm)")
         self._copy_student_to_teacher()
         precision = self.cfg.compute_precision
         if not self.mixed_precision:
             precision = fp32_precision(precision)
-        wrap_units = {BlockChunk} if self.cfg.student.block_chunks > 0 else set()
-        for k in list(self.student.keys()):
-            self.student[k] = get_fsdp_wrapper(precision.student[k], modules_to_wrap=wrap_units)(self.student[k])
-            self.teacher[k] = get_fsdp_wrapper(precision.teacher[k], modules_to_wrap=wrap_units)(self.teacher[k])
+        if distributed.get_global_size() > 1 or self.cfg.train.single_process_fsdp:
+            logger.info("DISTRIBUTED FSDP -- preparing model for distributed training")
+            wrap_units = {BlockChunk} if self.cfg.student.block_chunks > 0 else set()
+            for side in ("student", "teacher"):
+                modules = getattr(self, side)
+                for k in list(modules.keys()):
+                    self._compile(k, modules[k])
+                    modules[k] = get_fsdp_wrapper(precision[side][k], modules_to_wrap=wrap_units)(modules[k])
+            return
+        logger.info("One process: student and teacher run without FSDP")
+        for side in ("student", "teacher"):
+            run = {}
+            for k, module in getattr(self, side).items():
+                param_dtype, buffer_dtype = (_precision_dtype(precision, side, k, key) for key in ("param", "buffer"))
+                if param_dtype != next(module.parameters()).dtype:
+                    low_precision = LowPrecisionCopy(module, param_dtype, buffer_dtype)
+                    self._copies[side].append(low_precision)
+                    module = low_precision.module
+                elif self.mixed_precision:
+                    cast_forward_inputs(module, param_dtype)
+                self._compile(k, module)
+                run[k] = module
+            self._run[side] = run
+        self.train(self.training)
+
+    def _compile(self, name: str, module: nn.Module) -> None:
+        if self._compile_kwargs is not None and name == "backbone":
+            module.compile_blocks(**self._compile_kwargs)

@@ -7,11 +7,12 @@ import re
 import subprocess
 import tempfile
 from collections import Counter
-from typing import IO, Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Union
+from typing import IO, Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend
 
 logger = logging.getLogger("dinov2")
 
@@ -343,6 +344,24 @@ def check_compile_options(
         if mode not in modes:
             raise ValueError(f"{mode_key} {mode!r} is not a mode of backend {backend!r}; expected null or one of {modes}")
     return {"backend": backend, "mode": mode}
+
+
+def sdpa_backends_from_cfg(names: Optional[Sequence[str]], key: str) -> Optional[List[SDPBackend]]:
+    """`torch.nn.attention.SDPBackend` members from their names (None stays None: PyTorch's choice); the error for
+    an unknown name names the config `key` and the choices."""
+    if names is None:
+        return None
+    choices = [name for name in SDPBackend.__members__ if name != "ERROR"]
+    if isinstance(names, str):
+        raise ValueError(f"{key} is {names!r}; expected a list of {choices} or null")
+    backends = []
+    for name in names:
+        if name not in choices:
+            raise ValueError(f"{key}: {name!r} is not an SDPBackend; expected a list of {choices} or null")
+        backends.append(SDPBackend.__members__[name])
+    if not backends:
+        raise ValueError(f"{key} is empty; expected a list of {choices} or null")
+    return backends
 
 
 def has_batchnorms(model: nn.Module) -> bool:

@@ -7,6 +7,11 @@ iterations on the same model; the record gives every run's mean and their mean. 
 the median iteration time, peak CUDA memory, model TFLOP/s and MFU (with --peak-tflops, or the device's known dense
 fp16/bf16 peak). The protocol of the GPU figures in the README: `--warmup 10 --iterations 50 --runs 2`.
 
+Every record also has `host_ms_per_iter`: the host time per phase of the timed iterations (`teacher` and `backward`
+are parts of `forward_backward`), and `device_wait`, the time the closing `.item()` waits for the device. A
+`device_wait` near 0 means the device waits for the host instead (launch-bound: fewer kernels or less Python help);
+a large one means the device is the bottleneck.
+
 `--profile DIR` then profiles `--profile-iterations` more iterations with the PyTorch profiler and writes a Chrome
 trace and the operator table (sorted by device time on CUDA, CPU time otherwise) to DIR; the record gains kernels
 (CUDA) or aten ops (CPU) per iteration and, on CUDA, the fraction of wall time during which a kernel was running.
@@ -25,7 +30,9 @@ import argparse
 import random
 import statistics
 import time
-from typing import Callable, Dict, List, Optional, Tuple
+from collections import defaultdict
+from contextlib import contextmanager
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from omegaconf import DictConfig
@@ -121,9 +128,36 @@ def load_cfg(config_file: str, opts: List[str]) -> DictConfig:
     return cfg
 
 
-def build_training(cfg: DictConfig) -> Tuple[SSLMetaArch, Callable[[int], Dict[str, torch.Tensor]], List[Dict]]:
-    """Model (FSDP-wrapped, on CUDA if available) seeded by `train.seed`, and `step(it)`: one full training iteration
-    of do_train's maths on synthetic batch `it % NUM_SYNTHETIC_BATCHES`, returning the loss dict (on the device)."""
+class HostPhases:
+    """Host seconds per named phase, summed while `enabled`; phases may nest."""
+
+    def __init__(self) -> None:
+        self.seconds: Dict[str, float] = defaultdict(float)
+        self.enabled = False
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.enabled:
+                self.seconds[name] += time.perf_counter() - start
+
+    def wrap(self, fn: Callable[..., Any], name: str) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            with self(name):
+                return fn(*args, **kwargs)
+
+        return timed
+
+
+def build_training(
+    cfg: DictConfig, phases: Optional[HostPhases] = None
+) -> Tuple[SSLMetaArch, Callable[[int], Dict[str, torch.Tensor]], List[Dict]]:
+    """Model (as do_train prepares it, on CUDA if available) seeded by `train.seed`, and `step(it)`: one full training
+    iteration of do_train's maths on synthetic batch `it % NUM_SYNTHETIC_BATCHES`, returning the loss dict (on the
+    device). With `phases`, the host time of each phase of `step` is added to it."""
     distributed.enable(overwrite=True)
     torch.manual_seed(int(cfg.train.seed))
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
@@ -133,14 +167,21 @@ def build_training(cfg: DictConfig) -> Tuple[SSLMetaArch, Callable[[int], Dict[s
     optimizer = build_optimizer(cfg, model.get_params_groups())
     schedules = build_schedulers(cfg)
     batches = synthetic_batches(cfg, input_dtype(cfg))
+    phases = phases if phases is not None else HostPhases()
+    model._teacher_targets = phases.wrap(model._teacher_targets, "teacher")
+    model.backprop_loss = phases.wrap(model.backprop_loss, "backward")
 
     def step(it: int) -> Dict[str, torch.Tensor]:
-        lr, wd, mom, teacher_temp, last_layer_lr = (float(s[it]) for s in schedules)
-        apply_optim_scheduler(optimizer, lr, wd, last_layer_lr)
-        optimizer.zero_grad(set_to_none=True)
-        loss_dict = model.forward_backward(batches[it % len(batches)], teacher_temp=teacher_temp)
-        optimizer_step(model, optimizer, cfg.optim.clip_grad)
-        model.update_teacher(mom)
+        with phases("schedules"):
+            lr, wd, mom, teacher_temp, last_layer_lr = (float(s[it]) for s in schedules)
+            apply_optim_scheduler(optimizer, lr, wd, last_layer_lr)
+            optimizer.zero_grad(set_to_none=True)
+        with phases("forward_backward"):
+            loss_dict = model.forward_backward(batches[it % len(batches)], teacher_temp=teacher_temp)
+        with phases("optimizer"):
+            optimizer_step(model, optimizer, cfg.optim.clip_grad)
+        with phases("ema"):
+            model.update_teacher(mom)
         return loss_dict
 
     return model, step, batches
@@ -157,12 +198,15 @@ def _peak_tflops(args: argparse.Namespace, device: torch.device) -> Optional[flo
 
 def run(args: argparse.Namespace) -> List[Dict]:
     cfg = load_cfg(args.config_file, args.opts)
-    model, step, batches = build_training(cfg)
+    phases = HostPhases()
+    model, step, batches = build_training(cfg, phases)
     device = model.device
     use_cuda = device.type == "cuda"
 
     def timed_step(it: int) -> float:
-        return step(it)["total_loss"].item()
+        loss = step(it)["total_loss"]
+        with phases("device_wait"):
+            return loss.item()
 
     it = 0
     run_means, times = [], []
@@ -173,11 +217,13 @@ def run(args: argparse.Namespace) -> List[Dict]:
         if use_cuda:
             torch.cuda.reset_peak_memory_stats()
         run_times = []
+        phases.enabled = True
         for _ in range(args.iterations):
             start = time.perf_counter()
             timed_step(it)
             run_times.append(time.perf_counter() - start)
             it += 1
+        phases.enabled = False
         run_means.append(statistics.mean(run_times))
         times += run_times
 
@@ -212,6 +258,7 @@ def run(args: argparse.Namespace) -> List[Dict]:
         "model_gflop_per_iter": round(flops / 1e9, 2),
         "model_tflops": round(tflops, 4),
         "mfu": round(tflops / peak, 4) if peak else None,
+        "host_ms_per_iter": {k: round(1e3 * v / len(times), 3) for k, v in phases.seconds.items()},
     }
     if args.profile:
         tag = f"train_{cfg.student.arch}_{record['dtype']}"

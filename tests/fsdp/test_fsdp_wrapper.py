@@ -47,17 +47,6 @@ def test_bad_config_values_name_the_key(bad, key):
         get_fsdp_wrapper(bad)
 
 
-@pytest.fixture
-def single_cpu_process(monkeypatch):
-    """A one-process gloo group on the CPU path (also on GPU machines), taken down afterwards."""
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "SLURM_JOB_ID"):
-        monkeypatch.delenv(key, raising=False)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    distributed.enable()
-    yield
-    distributed.disable()
-
-
 def test_single_process_fsdp_is_not_sharded_and_matches_plain_module(single_cpu_process):
     torch.manual_seed(0)
     plain = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))

@@ -73,3 +73,20 @@ def test_sinkhorn_knopp_teacher_matches_reference_and_normalises():
     # prototypes almost equipartitioned after enough iterations: column sums -> B / K
     out_many = DINOLoss(5).sinkhorn_knopp_teacher(t, teacher_temp=0.5, n_iterations=50)
     torch.testing.assert_close(out_many.sum(dim=0), torch.full((5,), 8 / 5), rtol=1e-4, atol=1e-4)
+
+
+def test_one_process_group_issues_no_collective(single_cpu_process, monkeypatch):
+    """With a process group of one, the centre update needs no all-reduce (it would only add host time)."""
+
+    def no_collective(*args, **kwargs):
+        raise AssertionError("all_reduce called with one process")
+
+    monkeypatch.setattr(torch.distributed, "all_reduce", no_collective)
+    g = torch.Generator().manual_seed(2)
+    t1, t2 = torch.randn(5, 4, generator=g), torch.randn(5, 4, generator=g)
+    loss = DINOLoss(4, center_momentum=0.9)
+    loss.update_center(t1)
+    out = loss.softmax_center_teacher(t2, teacher_temp=0.07)
+    center = 0.1 * t1.mean(dim=0, keepdim=True)
+    torch.testing.assert_close(loss.center, center)
+    torch.testing.assert_close(out, torch.softmax((t2 - center) / 0.07, dim=-1))

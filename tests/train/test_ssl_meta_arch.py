@@ -190,7 +190,9 @@ def test_compiled_checkpointed_blocks_give_the_plain_losses_gradients_and_keys()
         torch.manual_seed(0)
         cfg = tiny_cfg(student__drop_path_rate=0.3, train__compile=fast, train__compile_backend="aot_eager",
                        train__activation_checkpointing=fast)
-        model = SSLMetaArch(cfg).train()
+        model = SSLMetaArch(cfg)
+        model.prepare_for_distributed_training()  # compiles the blocks that run (here: one process, fp32)
+        model.train()
         assert [b.activation_checkpointing for b in model.student.backbone.blocks] == [fast] * 12
         assert not any(b.activation_checkpointing for b in model.teacher.backbone.blocks)
         for backbone in (model.student.backbone, model.teacher.backbone):
@@ -224,3 +226,41 @@ def test_compiled_checkpointed_blocks_give_the_plain_losses_gradients_and_keys()
 def test_bad_compile_settings_name_the_key(overrides, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         SSLMetaArch(tiny_cfg(train__compile=True, **overrides))
+
+
+@pytest.mark.parametrize(
+    "backends, message",
+    [(["FLASH", "MATH"], "train.sdpa_backends: 'FLASH' is not an SDPBackend; expected a list of ['MATH', "),
+     ([], "train.sdpa_backends is empty"), ("MATH", "train.sdpa_backends is 'MATH'; expected a list of")],
+)
+def test_bad_sdpa_backends_name_the_key(backends, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        SSLMetaArch(tiny_cfg(train__sdpa_backends=backends))
+
+
+def test_sdpa_backends_restrict_the_attention_kernels():
+    """`train.sdpa_backends` applies to the whole step: MATH alone gives the losses of PyTorch's own choice, and a
+    backend the CPU lacks leaves no kernel at all."""
+    results = []
+    for backends in (None, ["MATH"]):
+        torch.manual_seed(0)
+        cfg = tiny_cfg() if backends is None else tiny_cfg(train__sdpa_backends=backends)
+        model = SSLMetaArch(cfg).train()
+        results.append(model.forward_backward(random_batch(cfg, seed=1), teacher_temp=0.05))
+    for key in LOSS_KEYS:
+        torch.testing.assert_close(results[1][key], results[0][key], rtol=1e-5, atol=1e-6, msg=key)
+    cfg = tiny_cfg(train__sdpa_backends=["CUDNN_ATTENTION"])
+    with pytest.raises(RuntimeError, match="No viable backend for scaled_dot_product_attention"):
+        SSLMetaArch(cfg).train().forward_backward(random_batch(cfg, seed=1), teacher_temp=0.05)
+
+
+def test_bad_precision_dtype_names_the_key(monkeypatch):
+    """One process without FSDP reads the mixed-precision dtypes itself (on CUDA; switched on here): a bad one is an
+    error naming its key."""
+    import dinov2.train.ssl_meta_arch as ssl_meta_arch
+
+    monkeypatch.setattr(ssl_meta_arch, "mixed_precision_enabled", lambda: True)
+    model = SSLMetaArch(tiny_cfg(compute_precision__teacher__dino_head__mixed_precision__buffer_dtype="fp17"))
+    with pytest.raises(ValueError, match=re.escape("compute_precision.teacher.dino_head.mixed_precision.buffer_dtype="
+                                                   "'fp17': Unknown dtype 'fp17'")):
+        model.prepare_for_distributed_training()

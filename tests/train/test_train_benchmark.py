@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 from train_helpers import SAMPLE_CONFIG, precision_opts
 
@@ -34,13 +33,14 @@ def _args(module, argv):
 
 def test_iteration_flops_match_pytorch_flop_counter(benchmarks):
     """The documented formula against FlopCounterMode over one forward_backward (math attention, so that the
-    attention products are counted; no stochastic depth). The counter has no input gradient for the patch-embedding
+    attention products are counted: `train.sdpa_backends=[MATH]`; no stochastic depth). The counter has no input gradient for the patch-embedding
     convolution (the images need none), which the formula counts, and counts the small KoLeo/loss products,
     which the formula leaves out."""
     train_bench, _ = benchmarks
-    cfg = train_bench.load_cfg(SAMPLE_CONFIG, TINY_BENCH + ["student.drop_path_rate=0.0"])
+    overrides = ["student.drop_path_rate=0.0", "train.sdpa_backends=[MATH]"]
+    cfg = train_bench.load_cfg(SAMPLE_CONFIG, TINY_BENCH + overrides)
     model, _, batches = train_bench.build_training(cfg)
-    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False) as counter:
         model.forward_backward(batches[0], teacher_temp=0.05)
     backbone = model.student.backbone
     patch, dim, b = backbone.patch_size, backbone.embed_dim, cfg.train.batch_size_per_gpu
@@ -51,7 +51,7 @@ def test_iteration_flops_match_pytorch_flop_counter(benchmarks):
     assert abs(counted - expected) / expected < 1e-4, (counted, expected)
 
 
-def test_train_benchmark_record_with_runs_and_profile(benchmarks, tmp_path):
+def test_train_benchmark_record_with_runs_host_phases_and_profile(benchmarks, tmp_path):
     train_bench, _ = benchmarks
     args = _args(train_bench, ["--config-file", SAMPLE_CONFIG, "--warmup", "1", "--iterations", "2", "--runs", "2",
                                "--profile", str(tmp_path), "--profile-iterations", "1", *TINY_BENCH])
@@ -63,6 +63,11 @@ def test_train_benchmark_record_with_runs_and_profile(benchmarks, tmp_path):
     assert math.isclose(record["images_per_s_mean"], mean_from_runs, rel_tol=0.02)
     assert record["model_tflops"] == pytest.approx(record["model_gflop_per_iter"] / 1e3 / record["iter_time_mean_s"],
                                                    rel=0.01)
+    host, iteration_ms = record["host_ms_per_iter"], 1e3 * record["iter_time_mean_s"]
+    assert sorted(host) == ["backward", "device_wait", "ema", "forward_backward", "optimizer", "schedules", "teacher"]
+    assert host["teacher"] + host["backward"] < host["forward_backward"]  # parts of it
+    top_level = sum(host[k] for k in ("schedules", "forward_backward", "optimizer", "ema", "device_wait"))
+    assert 0.8 * iteration_ms < top_level <= iteration_ms + 0.1  # the phases cover the iteration (0.1: rounding)
     profile = record["profile"]
     assert profile["iterations"] == 1 and profile["aten_ops_per_iter"] > 100
     with open(profile["trace"]) as f:
@@ -131,9 +136,9 @@ def test_parity_allowance_is_the_drift_of_mixed_precision_alone(benchmarks, monk
 
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
-def test_mixed_precision_fsdp_path_on_cpu(benchmarks, monkeypatch, precision):
-    """The CUDA precision plumbing, run on the CPU (which normally forces fp32): crops in the param dtype, FSDP
-    fp16 + ShardedGradScaler (the default config) or bf16 without a scaler. The losses stay within mixed-precision
+def test_mixed_precision_path_on_cpu(benchmarks, monkeypatch, precision):
+    """The CUDA precision plumbing, run on the CPU (which normally forces fp32): crops in the param dtype, one
+    process's low-precision copies with fp16 + ShardedGradScaler (the default config) or bf16 without a scaler. The losses stay within mixed-precision
     distance of the fp32 reference and differ from it, which shows that the low-precision path really ran; compiled
     (aot_eager) and checkpointed blocks give exactly the losses of the plain mixed-precision run."""
     import dinov2.train.ssl_meta_arch as ssl_meta_arch
@@ -145,7 +150,8 @@ def test_mixed_precision_fsdp_path_on_cpu(benchmarks, monkeypatch, precision):
     cfg = train_bench.load_cfg(SAMPLE_CONFIG, overrides)
     model, step, batches = train_bench.build_training(cfg)
     assert batches[0]["collated_global_crops"].dtype == dtype
-    assert model.student.backbone.mixed_precision.param_dtype == dtype
+    assert [c.module for c in model._copies["student"]] == list(model._run["student"].values())  # no FSDP
+    assert {p.dtype for c in model._copies["student"] for p in c.module.parameters()} == {dtype}
     assert (model.fp16_scaler is not None) == (precision == "fp16")
     step(0)
     if precision == "fp16":
@@ -165,3 +171,45 @@ def test_mixed_precision_fsdp_path_on_cpu(benchmarks, monkeypatch, precision):
         # an untrained model) is the precision-sensitive term
         assert [fast[i] for i in (1, 2, 4)] == pytest.approx([reference[i] for i in (1, 2, 4)], rel=0.01)
     assert record["max_abs_diff"]["total_loss"] > 1e-4
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_one_process_without_fsdp_trains_like_fsdp(benchmarks, monkeypatch, precision):
+    """One process runs the student and teacher as low-precision copies of fp32 modules instead of FSDP units
+    (`train.single_process_fsdp=false`, the default): the same mixed-precision maths, so a few iterations (optimizer
+    steps through the grad scaler, EMA) give exactly the losses, parameters and gradients of the FSDP path. The
+    reduce dtypes stay fp32: FSDP rounds gradients to reduce_dtype even at world size 1, where nothing is reduced,
+    and the copies do not."""
+    import dinov2.train.ssl_meta_arch as ssl_meta_arch
+    from dinov2.fsdp import is_fsdp
+
+    from torch.distributed.fsdp._common_utils import FSDP_PREFIX
+
+    train_bench, _ = benchmarks
+    monkeypatch.setattr(ssl_meta_arch, "mixed_precision_enabled", lambda: True)
+    overrides = TINY_BENCH + precision_opts(precision, grad_scaler=precision == "fp16", keys=("param_dtype",))
+    overrides += ["optim.warmup_epochs=0", "compute_precision.student.dino_head.mixed_precision.param_dtype=fp32"]
+    iterations = 14 if precision == "fp16" else 4  # fp16: past the scaler's first overflowing (skipped) steps
+    runs = {}
+    for fsdp in (True, False):
+        cfg = train_bench.load_cfg(SAMPLE_CONFIG, overrides + [f"train.single_process_fsdp={str(fsdp).lower()}"])
+        model, step, _ = train_bench.build_training(cfg)
+        assert all(is_fsdp(m) == fsdp for m in model.student.values())
+        losses = [{k: v.item() for k, v in step(it).items()} for it in range(iterations)]
+        params = {f"{side}.{n}".replace(FSDP_PREFIX, ""): p.detach().clone() for side in ("student", "teacher")
+                  for n, p in getattr(model, side).named_parameters()}  # fmt: skip
+        grads = {n.replace(FSDP_PREFIX, ""): p.grad.clone() for n, p in model.student.named_parameters()
+                 if p.grad is not None}  # fmt: skip
+        runs[fsdp] = losses, params, grads, model
+    (fsdp_losses, fsdp_params, fsdp_grads, _), (losses, params, grads, model) = runs[True], runs[False]
+    assert losses == fsdp_losses
+    assert sorted(params) == sorted(fsdp_params) and sorted(grads) == sorted(fsdp_grads)
+    for name, value in params.items():
+        assert value.dtype == torch.float32 and torch.equal(value, fsdp_params[name]), name
+    for name, value in grads.items():
+        assert torch.equal(value, fsdp_grads[name]), name
+    assert all(torch.isfinite(g).all() for g in grads.values())
+    trained = [n for n in grads if n.startswith("backbone.blocks")]  # the EMA teacher lags behind the student
+    assert trained and not any(torch.equal(params[f"student.{n}"], params[f"teacher.{n}"]) for n in trained)
+    # the fp32 head ran as the module itself, its fp16/bf16 input cast like FSDP's
+    assert model._run["student"]["dino_head"] is model.student.dino_head
