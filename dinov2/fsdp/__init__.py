@@ -1,4 +1,5 @@
-"""FSDP wrapping from `compute_precision.<model>.<submodule>` configs, FSDP helpers and the checkpointers.
+"""FSDP wrapping from `compute_precision.<model>.<submodule>` configs, FSDP helpers and the checkpointers (with one
+process, training runs without FSDP: see `low_precision.py`).
 
 CPU: torch's FSDP runs on CPU with gloo when `device_id=torch.device("cpu")`, but refuses
 `sync_module_states=True` there; the CPU wrapper therefore broadcasts parameters and buffers from rank 0 itself

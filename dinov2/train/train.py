@@ -282,7 +282,7 @@ def _needs_sync(iteration: int, max_iter: int, periods: Sequence[int]) -> bool:
 
 
 def input_dtype(cfg: DictConfig) -> torch.dtype:
-    """dtype of the collated crops: the student backbone's FSDP param dtype with mixed precision (CUDA), else fp32."""
+    """dtype of the collated crops: the student backbone's param dtype with mixed precision (CUDA), else fp32."""
     if not ssl_meta_arch.mixed_precision_enabled():
         return torch.float32
     return as_torch_dtype(cfg.compute_precision.student.backbone.mixed_precision.param_dtype)
