@@ -70,6 +70,15 @@ def _anchor_protocol(record: Dict) -> bool:
             and record.get("crops") == f"2x224 + 8x{local}")  # fmt: skip
 
 
+def _device_wait(record: Dict) -> str:
+    """How long the iteration's closing `.item()` waited for the device, of the iteration (records with host phases):
+    near 0, the GPU waited for the host."""
+    wait = record.get("host_ms_per_iter", {}).get("device_wait")
+    if wait is None or "iter_time_mean_s" not in record:
+        return "—"
+    return f"{wait:.1f} of {1e3 * record['iter_time_mean_s']:.1f} ms"
+
+
 def train_rows(records: List[Dict]) -> List[List[object]]:
     rows = []
     for r in records:
@@ -88,6 +97,7 @@ def train_rows(records: List[Dict]) -> List[List[object]]:
             "—" if ratio is None else f"{ratio:.2f}× (target {anchor[3]}×)", _check(speed_ok),
             "—" if r.get("mfu") is None else f"{r['mfu']:.3f}",
             "—" if peak_gb is None else f"{peak_gb:.1f} GB ({peak_gib:.1f} GiB)", _check(memory_ok),
+            _device_wait(r),
         ])  # fmt: skip
     return rows
 
@@ -124,7 +134,7 @@ def render(records: List[Dict]) -> str:
     parts = []
     if "train" in by_kind:
         header = ["model", "precision", "compile", "anchor protocol", "samples/s (runs)", "vs anchor", "speed target",
-                  "MFU", "peak memory", "memory target"]  # fmt: skip
+                  "MFU", "peak memory", "memory target", "device wait"]  # fmt: skip
         parts.append(_table(header, train_rows(by_kind["train"])))
     if "extract" in by_kind:
         parts.append(_table(["extraction", "dtype", "batch", "compile", "images/s", "vs anchor", "target"],

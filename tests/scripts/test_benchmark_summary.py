@@ -27,7 +27,8 @@ def train_record(**changes):
 
 def test_train_rows_check_speed_and_memory_only_for_the_anchor_protocol(summary):
     records = [
-        train_record(),  # 305 / 221.9 = 1.37x >= 1.25x; 35 GiB = 37.6 GB <= 39.7
+        train_record(iter_time_mean_s=0.20983, host_ms_per_iter={"forward_backward": 150.0, "device_wait": 40.25}),
+        # 305 / 221.9 = 1.37x >= 1.25x; 35 GiB = 37.6 GB <= 39.7
         train_record(peak_memory_gib=37.5),  # 40.3 GB > 39.7 GB (though 37.5 GiB < 39.7)
         train_record(dtype="bfloat16", grad_scaler=False),  # reported beside, no target
         train_record(warmup=1, runs=1),  # a smoke run: not the protocol
@@ -36,12 +37,13 @@ def test_train_rows_check_speed_and_memory_only_for_the_anchor_protocol(summary)
     ]  # fmt: skip
     rows = summary.train_rows(records)
     assert rows[0] == ["vit_large/16", "float16 + scaler", "yes", "yes", "305.0 (300.0, 310.0)",
-                       "1.37× (target 1.25×)", "yes", "0.590", "37.6 GB (35.0 GiB)", "yes"]  # fmt: skip
-    assert rows[1][-2:] == ["40.3 GB (37.5 GiB)", "**no**"]
-    assert rows[2][1] == "bfloat16" and rows[2][5:7] == ["1.37× (target 1.25×)", "—"] and rows[2][-1] == "—"
-    assert rows[3][3] == "no" and rows[3][6] == "—" and rows[3][-1] == "—"
+                       "1.37× (target 1.25×)", "yes", "0.590", "37.6 GB (35.0 GiB)", "yes",
+                       "40.2 of 209.8 ms"]  # fmt: skip
+    assert rows[1][-3:] == ["40.3 GB (37.5 GiB)", "**no**", "—"]  # a record without host phases
+    assert rows[2][1] == "bfloat16" and rows[2][5:7] == ["1.37× (target 1.25×)", "—"] and rows[2][-2] == "—"
+    assert rows[3][3] == "no" and rows[3][6] == "—" and rows[3][-2] == "—"
     assert rows[4] == ["vit_small/14", "float16 + scaler", "no", "yes", "700.0 (700.0, 700.0)",
-                       "1.72× (target 2.0×)", "**no**", "—", "—", "—"]  # fmt: skip
+                       "1.72× (target 2.0×)", "**no**", "—", "—", "—", "—"]  # fmt: skip
 
 
 def test_render_reads_every_kind_and_names_a_malformed_line(summary, tmp_path):
