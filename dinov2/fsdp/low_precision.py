@@ -35,6 +35,10 @@ def cast_forward_inputs(module: nn.Module, dtype: torch.dtype) -> None:
     module.register_forward_pre_hook(hook, with_kwargs=True)
 
 
+def _floating_tensors(module: nn.Module) -> List[torch.Tensor]:
+    return [*module.parameters(), *(b for b in module.buffers() if b.is_floating_point())]
+
+
 class LowPrecisionCopy:
     """`module`: a copy of `master` with parameters in `param_dtype` and floating-point buffers in `buffer_dtype`
     (made before any `torch.compile` of `master`'s blocks: compile the copy's). Call `refresh()` before a forward
@@ -53,8 +57,8 @@ class LowPrecisionCopy:
             for b in self.module.buffers():
                 if b.is_floating_point():
                     b.data = b.data.to(buffer_dtype)
-        self._master_tensors: List[torch.Tensor] = [*master.parameters(), *(b for b in master.buffers() if b.is_floating_point())]
-        self._tensors: List[torch.Tensor] = [*self.module.parameters(), *(b for b in self.module.buffers() if b.is_floating_point())]
+        self._master_tensors = _floating_tensors(master)
+        self._tensors = _floating_tensors(self.module)
         self._trainable = [(m, p) for m, p in zip(master.parameters(), self.module.parameters()) if p.requires_grad]
         cast_forward_inputs(self.module, param_dtype)
 

@@ -59,5 +59,5 @@ class PatchEmbed(nn.Module):
         x = F.linear(patches, self.proj.weight.reshape(self.embed_dim, -1), self.proj.bias)  # (B, HW, D)
         x = self.norm(x)
         if not self.flatten_embedding:
-            x = x.reshape(-1, height // patch_h, width // patch_w, self.embed_dim)
+            x = x.reshape(-1, grid_h, grid_w, self.embed_dim)
         return x
