@@ -40,6 +40,7 @@ __all__ = [
     "FSDPCheckpointer",
     "PeriodicCheckpointer",
     "ShardedGradScaler",
+    "mixed_precision_dtype",
 ]
 
 _SHARDING_STRATEGIES = {
@@ -58,11 +59,12 @@ def _sharding_strategy(value: Any) -> ShardingStrategy:
     return _SHARDING_STRATEGIES[value]
 
 
-def _dtype(value: Any, key: str) -> torch.dtype:
+def mixed_precision_dtype(value: Any, key: str) -> torch.dtype:
+    """A `mixed_precision` dtype from the config as a torch dtype; errors name `key`, the config key it came from."""
     try:
         return as_torch_dtype(value)
     except ValueError as e:
-        raise ValueError(f"mixed_precision.{key}={value!r}: {e}") from None
+        raise ValueError(f"{key}={value!r}: {e}") from None
 
 
 def _broadcast_module_states(module: nn.Module) -> None:
@@ -99,9 +101,9 @@ def get_fsdp_wrapper(
     sharding_strategy = _sharding_strategy(model_cfg.sharding_strategy)
     mp_cfg = model_cfg.mixed_precision
     mixed_precision = MixedPrecision(
-        param_dtype=_dtype(mp_cfg.param_dtype, "param_dtype"),
-        reduce_dtype=_dtype(mp_cfg.reduce_dtype, "reduce_dtype"),
-        buffer_dtype=_dtype(mp_cfg.buffer_dtype, "buffer_dtype"),
+        param_dtype=mixed_precision_dtype(mp_cfg.param_dtype, "mixed_precision.param_dtype"),
+        reduce_dtype=mixed_precision_dtype(mp_cfg.reduce_dtype, "mixed_precision.reduce_dtype"),
+        buffer_dtype=mixed_precision_dtype(mp_cfg.buffer_dtype, "mixed_precision.buffer_dtype"),
     )
     fsdp_kwargs = dict(
         sharding_strategy=sharding_strategy,

@@ -16,6 +16,7 @@ host time), and `self.student` / `self.teacher` keep the fp32 parameters the opt
 """
 
 import logging
+from contextlib import nullcontext
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -24,13 +25,12 @@ from torch import nn
 from torch.nn.attention import sdpa_kernel
 
 import dinov2.distributed as distributed
-from dinov2.fsdp import ShardedGradScaler, get_fsdp_wrapper, reshard_fsdp_model
+from dinov2.fsdp import ShardedGradScaler, get_fsdp_wrapper, mixed_precision_dtype, reshard_fsdp_model
 from dinov2.fsdp.low_precision import LowPrecisionCopy, cast_forward_inputs
 from dinov2.layers import DINOHead
 from dinov2.loss import DINOLoss, KoLeoLoss, iBOTPatchLoss
 from dinov2.models import build_model_from_cfg
 from dinov2.models.vision_transformer import BlockChunk
-from dinov2.utils.dtype import as_torch_dtype
 from dinov2.utils.param_groups import fuse_params_groups, get_params_groups_with_decay
 from dinov2.utils.utils import check_compile_options, has_batchnorms, load_pretrained_weights, sdpa_backends_from_cfg
 
@@ -44,15 +44,6 @@ def mixed_precision_enabled() -> bool:
     """Whether `compute_precision` (fp16/bf16 FSDP dtypes, grad scaler) applies: on CUDA only, because fp16/bf16
     matrix products on the CPU are slow. The tests switch it on to run the mixed-precision path on the CPU."""
     return torch.cuda.is_available()
-
-
-def _precision_dtype(precision_cfg: DictConfig, side: str, module: str, kind: str) -> torch.dtype:
-    """`compute_precision.<side>.<module>.mixed_precision.<kind>_dtype` as a torch dtype; errors name the key."""
-    value = precision_cfg[side][module].mixed_precision[f"{kind}_dtype"]
-    try:
-        return as_torch_dtype(value)
-    except ValueError as e:
-        raise ValueError(f"compute_precision.{side}.{module}.mixed_precision.{kind}_dtype={value!r}: {e}") from None
 
 
 def fp32_precision(precision_cfg: DictConfig) -> DictConfig:
@@ -216,9 +207,7 @@ class SSLMetaArch(nn.Module):
     def forward_backward(self, images: Dict[str, Any], teacher_temp: float) -> Dict[str, torch.Tensor]:
         """One training step's losses (backpropagated) for a batch from `collate_data_and_cast` (see
         `_forward_backward`), with attention restricted to `train.sdpa_backends` if set."""
-        if self.sdpa_backends is None:
-            return self._forward_backward(images, teacher_temp)
-        with sdpa_kernel(self.sdpa_backends):
+        with sdpa_kernel(self.sdpa_backends) if self.sdpa_backends is not None else nullcontext():
             return self._forward_backward(images, teacher_temp)
 
     def _forward_backward(self, images: Dict[str, Any], teacher_temp: float) -> Dict[str, torch.Tensor]:
@@ -372,7 +361,9 @@ class SSLMetaArch(nn.Module):
         for side in ("student", "teacher"):
             run = {}
             for k, module in getattr(self, side).items():
-                param_dtype, buffer_dtype = (_precision_dtype(precision, side, k, key) for key in ("param", "buffer"))
+                mp_cfg, key = precision[side][k].mixed_precision, f"compute_precision.{side}.{k}.mixed_precision"
+                param_dtype = mixed_precision_dtype(mp_cfg.param_dtype, f"{key}.param_dtype")
+                buffer_dtype = mixed_precision_dtype(mp_cfg.buffer_dtype, f"{key}.buffer_dtype")
                 if param_dtype != next(module.parameters()).dtype:
                     low_precision = LowPrecisionCopy(module, param_dtype, buffer_dtype)
                     self._copies[side].append(low_precision)
