@@ -11,9 +11,12 @@
 # 64, 2 x 224 + 8 local crops of 96 px for patch 16 / 98 px for patch 14, 65536 prototypes, shared head, drop path
 # 0.3, block_chunks 4), synthetic pre-collated pinned batches, 10 warm-up + 50 timed iterations, 2 runs.
 # Each architecture is measured with fp16 + grad scaler (the anchor's precision) and bf16 without a scaler, each
-# plain and with `train.compile=true`. EXTRA="key=value ..." is appended to every training run. MFU is taken against
+# plain and compiled (`train.compile=true train.compile_loss=true`; EXTRA="train.compile_loss=false" measures the
+# blocks alone). EXTRA="key=value ..." is appended to every training run. MFU is taken against
 # PEAK_TFLOPS (default 790: the dense fp16/bf16 matrix rate the anchor's MFU figures use for the H100).
-# COMPILE="true" (or "false") runs only that value of `train.compile` in the train-* and profile stages.
+# COMPILE="true" (or "false") runs only that value of `train.compile` (and `train.compile_loss`) in the train-* and
+# profile stages. The extract stage measures autocast plain and compiled, then compiled with the backbone cast to
+# bf16 (`--cast-weights`), then that with max-autotune-no-cudagraphs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -81,7 +84,7 @@ train_arch() {  # $1: the arch overrides
   for precision in "" "$BF16"; do
     for compile in ${COMPILE:-false true}; do
       # shellcheck disable=SC2086  # the override lists are word lists on purpose
-      bench "${TRAIN[@]}" $1 $precision train.compile=$compile $EXTRA
+      bench "${TRAIN[@]}" $1 $precision train.compile=$compile train.compile_loss=$compile $EXTRA
     done
   done
 }
@@ -94,15 +97,17 @@ case "$STAGE" in
     # shellcheck disable=SC2086
     bench scripts/benchmark.py parity --config-file dinov2/configs/train/vitl16_short.yaml \
       --iterations "$PARITY_ITERATIONS" \
-      $ARCH_B14 train.compile=true $EXTRA
+      $ARCH_B14 train.compile=true train.compile_loss=true $EXTRA
     # shellcheck disable=SC2086
     bench scripts/benchmark.py parity --config-file dinov2/configs/train/vitl16_short.yaml \
       --iterations "$PARITY_ITERATIONS" \
-      $ARCH_B14 $BF16 train.compile=true $EXTRA
+      $ARCH_B14 $BF16 train.compile=true train.compile_loss=true $EXTRA
     ;;
   extract)
-    for compile in "" "--compile"; do
-      bench "${EXTRACT[@]}" --iters 20 $compile
+    for variant in "" "--compile" "--compile --cast-weights" \
+                   "--compile --cast-weights --compile-mode max-autotune-no-cudagraphs"; do
+      # shellcheck disable=SC2086
+      bench "${EXTRACT[@]}" --iters 20 $variant
     done
     ;;
   data)  # the CPU paths with 16 workers, and the GPU path (workers + decode/augment on the GPU) end to end; one
@@ -172,11 +177,12 @@ PY
       for compile in ${COMPILE:-false true}; do
         # shellcheck disable=SC2086
         bench "${TRAIN[@]}" --runs 1 --iterations 10 --profile "$PROFILE_DIR/compile_$compile" $arch \
-          train.compile=$compile $EXTRA
+          train.compile=$compile train.compile_loss=$compile $EXTRA
       done
     done
     bench "${EXTRACT[@]}" --iters 5 --profile "$PROFILE_DIR/compile_false"
     bench "${EXTRACT[@]}" --iters 5 --profile "$PROFILE_DIR/compile_true" --compile
+    bench "${EXTRACT[@]}" --iters 5 --profile "$PROFILE_DIR/compile_true" --compile --cast-weights
     ;;
   summary)  # the results so far as markdown tables against the anchor
     "$PYTHON" scripts/benchmark.py summary --results "$RESULTS"

@@ -121,14 +121,19 @@ class FeatureSet:
 
 
 class ProbeFeatureModel(nn.Module):
-    """Backbone -> [class tokens of the last n blocks..., mean patch token of the last block] as one (B, (n+1)D)."""
+    """Backbone -> [class tokens of the last n blocks..., mean patch token of the last block] as one (B, (n+1)D) in
+    float32.
+
+    The images are cast to the backbone's parameter dtype: a backbone cast to bf16/fp16 (`--cast-weights`) runs
+    wholly in that dtype, without autocast."""
 
     def __init__(self, backbone: nn.Module, n_blocks: int, autocast_ctx):
         super().__init__()
         self.layers = ModelWithIntermediateLayers(backbone, n_blocks, autocast_ctx)
+        self.input_dtype = next(backbone.parameters()).dtype
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        outputs = self.layers(images)
+        outputs = self.layers(images.to(self.input_dtype))
         class_tokens = [class_token.float() for _, class_token in outputs]
         return torch.cat([*class_tokens, outputs[-1][0].float().mean(dim=1)], dim=1)
 
@@ -160,8 +165,11 @@ class FeatureStore:
         self.model = model
         self.n_blocks = min(MAX_BLOCKS, int(model.n_blocks))
         self.embed_dim = int(model.embed_dim)
-        device = next(model.parameters()).device
-        self.feature_model = ProbeFeatureModel(model, self.n_blocks, make_autocast_ctx(autocast_dtype, device))
+        parameter = next(model.parameters())
+        cast = parameter.dtype != torch.float32  # a backbone cast to bf16/fp16 (`--cast-weights`): no autocast
+        dtype = parameter.dtype if cast else autocast_dtype
+        autocast_ctx = make_autocast_ctx(torch.float32 if cast else dtype, parameter.device)
+        self.feature_model = ProbeFeatureModel(model, self.n_blocks, autocast_ctx)
         self.transform = transform
         self.cache_dir = cache_dir
         self.batch_size, self.num_workers = batch_size, num_workers
@@ -172,7 +180,8 @@ class FeatureStore:
             "global_crops_size": int(config.crops.global_crops_size),
             "transform": repr(transform),
             "n_blocks": self.n_blocks,
-            "dtype": str(autocast_dtype),
+            "dtype": str(dtype),
+            **({"cast_weights": True} if cast else {}),
         }
 
     def cache_fields(self, dataset_str: str, dataset) -> Dict[str, object]:
@@ -235,11 +244,13 @@ class FeatureStore:
 
 
 def setup_feature_store(args: argparse.Namespace) -> FeatureStore:
-    """Start of every probe CLI: check the QC options, set up the run and the backbone (`setup_eval_model`, blocks
-    compiled with `--compile`), and return its feature store (eval transform from `--resize-size/--crop-size`, cache
-    in `--features-dir`)."""
+    """Start of every probe CLI: check the QC options, set up the run and the backbone (`setup_eval_model`, cast
+    with `--cast-weights`, blocks compiled with `--compile`), and return its feature store (eval transform from
+    `--resize-size/--crop-size`, cache in `--features-dir`)."""
     check_qc_arguments(args)
     model, autocast_dtype, config = setup_eval_model(args)
+    if args.cast_weights:
+        model.to(autocast_dtype)  # float32 on the CPU: nothing changes there
     if args.compile:
         model.compile_blocks(backend=args.compile)
     transform = make_classification_eval_transform(resize_size=args.resize_size, crop_size=args.crop_size)

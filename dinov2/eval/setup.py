@@ -136,6 +136,13 @@ def add_qc_arguments(parser: argparse.ArgumentParser) -> None:
         help="torch.compile the backbone blocks for feature extraction (default backend: inductor; pays off on "
         "large datasets on a GPU)",
     )
+    parser.add_argument(
+        "--cast-weights",
+        action="store_true",
+        help="Extract features with the backbone cast to the inference dtype (compute_precision.teacher.backbone "
+        "param_dtype, on a GPU) instead of autocast over float32 weights: less memory traffic; the features differ "
+        "by rounding (the residual stream is then bf16/fp16 too)",
+    )
 
 
 def check_qc_arguments(args: argparse.Namespace) -> None:

@@ -4,10 +4,10 @@ from typing import List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from dinov2 import distributed
+from dinov2.loss.kernels import LossKernels
 
 
 class TeacherCentering(nn.Module):
@@ -16,7 +16,8 @@ class TeacherCentering(nn.Module):
     As upstream, `update_center` starts an async all-reduce of the batch sum and the new centre is applied lazily at
     the next `softmax_center_teacher` call (or before a `state_dict()` is taken, so a checkpoint never misses a
     pending update). Subclasses say how a batch is summed in `batch_center_sum`. Works with and without a process
-    group.
+    group. The row-wise maths (centred softmax, cross-entropy) runs through `self.kernels`, eager unless
+    `self.kernels.compile()` was called (see `dinov2/loss/kernels.py`).
     """
 
     def __init__(self, center_shape: Tuple[int, ...], center_momentum: float) -> None:
@@ -27,6 +28,7 @@ class TeacherCentering(nn.Module):
         self.reduce_handle: Optional[dist.Work] = None
         self.len_teacher_output: Optional[int] = None
         self.async_batch_center: Optional[torch.Tensor] = None
+        self.kernels = LossKernels()
         self.register_state_dict_pre_hook(_apply_pending_center_update)
 
     def batch_center_sum(self, teacher_output: torch.Tensor) -> torch.Tensor:
@@ -36,7 +38,7 @@ class TeacherCentering(nn.Module):
     @torch.no_grad()
     def softmax_center_teacher(self, teacher_output: torch.Tensor, teacher_temp: float) -> torch.Tensor:
         self.apply_center_update()
-        return F.softmax((teacher_output - self.center) / teacher_temp, dim=-1)
+        return self.kernels.centered_softmax(teacher_output, self.center, teacher_temp)
 
     @torch.no_grad()
     def update_center(self, teacher_output: torch.Tensor) -> None:
@@ -93,8 +95,7 @@ class DINOLoss(TeacherCentering):
         teacher_sum = teachers[0] if len(teachers) == 1 else torch.stack(teachers).sum(dim=0)
         total_loss = 0
         for s in student_output_list:
-            lsm = F.log_softmax(s / self.student_temp, dim=-1)
-            total_loss = total_loss - torch.sum(teacher_sum * lsm, dim=-1).mean(dim=-1).sum()
+            total_loss = total_loss - self.kernels.lossfunc(teacher_sum, s, self.student_temp).mean(dim=-1).sum()
         return total_loss
 
 

@@ -3,14 +3,8 @@
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from dinov2.loss.dino_clstoken_loss import TeacherCentering, _all_reduce_sum, _sinkhorn
-
-
-def lossfunc(t: torch.Tensor, s: torch.Tensor, temp: float) -> torch.Tensor:
-    """`sum_k t * log_softmax(s / temp)` over the last dim (a negative cross-entropy, as upstream)."""
-    return torch.sum(t * F.log_softmax(s / temp, dim=-1), dim=-1)
 
 
 class iBOTPatchLoss(TeacherCentering):
@@ -50,7 +44,7 @@ class iBOTPatchLoss(TeacherCentering):
         self, student_patch_tokens: torch.Tensor, teacher_patch_tokens: torch.Tensor, student_masks_flat: torch.Tensor
     ) -> torch.Tensor:
         """Dense variant (B x N x K tokens, B x N masks): mean over images of the per-image mean masked CE."""
-        loss = lossfunc(teacher_patch_tokens, student_patch_tokens, self.student_temp)
+        loss = self.kernels.lossfunc(teacher_patch_tokens, student_patch_tokens, self.student_temp)
         mask = student_masks_flat.float()
         loss = torch.sum(loss * mask, dim=-1) / mask.sum(dim=-1).clamp(min=1.0)
         return -loss.mean()
@@ -66,11 +60,11 @@ class iBOTPatchLoss(TeacherCentering):
         """CE per masked token, weighted by `masks_weight` (default 1 / #masked tokens of its image), summed and
         divided by the number of images: the mean over images of each image's mean masked-token CE."""
         s, t = student_patch_tokens_masked, teacher_patch_tokens_masked
-        loss = lossfunc(t, s, self.student_temp)
+        if n_masked_patches is not None:
+            s, t = s[:n_masked_patches], t[:n_masked_patches]
+        loss = self.kernels.lossfunc(t, s, self.student_temp)
         if masks_weight is None:
             per_image = student_masks_flat.sum(dim=-1).clamp(min=1.0)
             masks_weight = (1 / per_image).unsqueeze(-1).expand_as(student_masks_flat)[student_masks_flat]
-        if n_masked_patches is not None:
-            loss = loss[:n_masked_patches]
         loss = loss * masks_weight
         return -loss.sum() / student_masks_flat.shape[0]

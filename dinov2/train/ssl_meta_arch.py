@@ -112,6 +112,11 @@ class SSLMetaArch(nn.Module):
                 student_model_dict["ibot_head"] = self._make_head(embed_dim, cfg.ibot)
                 teacher_model_dict["ibot_head"] = self._make_head(embed_dim, cfg.ibot)
 
+        if cfg.train.compile_loss:
+            backend = check_compile_options(cfg.train.compile_backend, None, "train.compile_backend")["backend"]
+            for loss in [self.dino_loss] + ([self.ibot_patch_loss] if self.do_ibot else []):
+                loss.kernels.compile(backend)
+
         self.student = nn.ModuleDict(student_model_dict)
         self.teacher = nn.ModuleDict(teacher_model_dict)
         # what runs the forward of each side: the modules themselves, or their low-precision copies (plain dicts and

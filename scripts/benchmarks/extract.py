@@ -4,7 +4,8 @@ token, inference mode) on synthetic normalised images, and peak memory on CUDA.
 The backbone is randomly initialised from the default config with `--arch/--patch-size/--img-size`; data loading is
 not measured (see the `data` benchmark). The first `--warmup` batches are not timed (with `--compile`, warm up
 at least one batch: the graphs are built then). `--profile DIR` then profiles `--profile-iterations` more batches
-(see `profiling.py`): trace, operator table, kernels per batch and GPU busy fraction on CUDA.
+(see `profiling.py`): trace, operator table, kernels per batch and GPU busy fraction on CUDA. `--cast-weights` runs
+the backbone cast to `--dtype` (the probes' `--cast-weights`) instead of autocast over float32 weights.
 """
 
 import argparse
@@ -18,6 +19,7 @@ from dinov2.configs import dinov2_default_config
 from dinov2.eval.features import MAX_BLOCKS, ProbeFeatureModel
 from dinov2.eval.utils import make_autocast_ctx
 from dinov2.models import build_model_from_cfg
+from dinov2.utils.utils import check_compile_options
 
 from .profiling import profile_iterations
 
@@ -36,6 +38,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--iters", type=int, default=3, help="timed batches")
     parser.add_argument("--compile", action="store_true", help="torch.compile the blocks (compiled during warm-up)")
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend with --compile")
+    parser.add_argument("--compile-mode", default=None, help="torch.compile mode with --compile, e.g. "
+                        "max-autotune-no-cudagraphs (default: the backend's default)")  # fmt: skip
+    parser.add_argument("--cast-weights", action="store_true",
+                        help="run the backbone cast to --dtype instead of autocast over float32 weights")  # fmt: skip
     parser.add_argument("--profile", default=None, metavar="DIR", help="write a profiler trace and table to DIR")
     parser.add_argument("--profile-iterations", type=int, default=3, help="batches under the profiler")
 
@@ -51,10 +57,15 @@ def run(args: argparse.Namespace) -> List[Dict[str, object]]:
     torch.manual_seed(0)
     backbone, _ = build_model_from_cfg(cfg, only_teacher=True)
     backbone.eval().to(device)
+    autocast_dtype = DTYPES[args.dtype]
+    if args.cast_weights:
+        backbone.to(autocast_dtype)
+        autocast_dtype = torch.float32
     if args.compile:
-        backbone.compile_blocks(backend=args.compile_backend)
+        backbone.compile_blocks(**check_compile_options(args.compile_backend, args.compile_mode,
+                                                        "--compile-backend", "--compile-mode"))  # fmt: skip
     n_blocks = min(MAX_BLOCKS, int(backbone.n_blocks))
-    model = ProbeFeatureModel(backbone, n_blocks, make_autocast_ctx(DTYPES[args.dtype], device))
+    model = ProbeFeatureModel(backbone, n_blocks, make_autocast_ctx(autocast_dtype, device))
     images = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
     for _ in range(args.warmup):
         model(images)
@@ -79,12 +90,14 @@ def run(args: argparse.Namespace) -> List[Dict[str, object]]:
         "threads": torch.get_num_threads(),
         "n_blocks": n_blocks,
         "compile": args.compile,
+        "compile_mode": args.compile_mode if args.compile else None,
+        "cast_weights": args.cast_weights,
         "torch": torch.__version__,
         "images_per_s": round(args.iters * args.batch_size / seconds, 2),
         "ms_per_batch": round(1000 * seconds / args.iters, 2),
         "peak_memory_mib": peak_mib,
     }
     if args.profile:
-        tag = f"extract_{args.arch}_{args.dtype}"
+        tag = f"extract_{args.arch}_{args.dtype}" + ("_cast" if args.cast_weights else "")
         record["profile"] = profile_iterations(lambda _: model(images), 0, args.profile_iterations, args.profile, tag)
     return [record]

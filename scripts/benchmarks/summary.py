@@ -64,6 +64,12 @@ def _precision(record: Dict) -> str:
     return f"{record['dtype']}" + (" + scaler" if record.get("grad_scaler") else "")
 
 
+def _compiled(record: Dict) -> str:
+    """What a training run compiled: the blocks (`train.compile`) and/or the loss maths (`train.compile_loss`)."""
+    parts = [name for name, key in (("blocks", "compile"), ("loss", "compile_loss")) if record.get(key)]
+    return " + ".join(parts) or "no"
+
+
 def _anchor_protocol(record: Dict) -> bool:
     local = 96 if record.get("patch_size") == 16 else 98
     return (all(record.get(k) == v for k, v in PROTOCOL.items()) and record.get("runs", 1) >= 2
@@ -92,7 +98,7 @@ def train_rows(records: List[Dict]) -> List[List[object]]:
                 speed_ok = ratio >= anchor[3]
                 memory_ok = None if peak_gb is None else peak_gb <= anchor[1]
         rows.append([
-            f"{r['arch']}/{r.get('patch_size', '?')}", _precision(r), _flag(r.get("compile")),
+            f"{r['arch']}/{r.get('patch_size', '?')}", _precision(r), _compiled(r),
             _flag(_anchor_protocol(r)), f"{speed:.1f} ({', '.join(f'{v:.1f}' for v in r['images_per_s_runs'])})",
             "—" if ratio is None else f"{ratio:.2f}× (target {anchor[3]}×)", _check(speed_ok),
             "—" if r.get("mfu") is None else f"{r['mfu']:.3f}",
@@ -108,7 +114,9 @@ def extract_rows(records: List[Dict]) -> List[List[object]]:
         anchor = EXTRACT_ANCHOR.get((r["arch"], r["patch_size"], r["img_size"], r["dtype"], r["batch_size"]))
         ratio = None if anchor is None else r["images_per_s"] / anchor[0]
         rows.append([
-            f"{r['arch']}/{r['patch_size']} {r['img_size']}", r["dtype"], r["batch_size"], _flag(r["compile"]),
+            f"{r['arch']}/{r['patch_size']} {r['img_size']}",
+            r["dtype"] + (" weights" if r.get("cast_weights") else ""), r["batch_size"],
+            _flag(r["compile"]) + (f" ({r['compile_mode']})" if r.get("compile_mode") else ""),
             f"{r['images_per_s']:.1f}", "—" if ratio is None else f"{ratio:.2f}× (target {anchor[1]}×)",
             _check(None if ratio is None else ratio >= anchor[1]),
         ])  # fmt: skip

@@ -245,6 +245,7 @@ def run(args: argparse.Namespace) -> List[Dict]:
         "dtype": str(input_dtype(cfg)).replace("torch.", ""),
         "grad_scaler": model.fp16_scaler is not None,
         "compile": bool(cfg.train.compile),
+        "compile_loss": bool(cfg.train.compile_loss),
         "activation_checkpointing": bool(cfg.train.activation_checkpointing),
         "warmup": args.warmup,
         "iterations": args.iterations,

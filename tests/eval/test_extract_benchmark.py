@@ -6,6 +6,7 @@ import importlib
 from pathlib import Path
 
 import pytest
+import torch
 
 TINY = ["--arch", "vit_tiny", "--patch-size", "16", "--img-size", "32", "--batch-size", "2", "--iters", "1",
         "--device", "cpu"]  # fmt: skip
@@ -33,19 +34,33 @@ def test_extract_benchmark_record(extract):
         extract.run(parser.parse_args(["--dtype", "fp16", "--device", "cpu"]))
 
 
-def test_extract_benchmark_compiled_blocks(extract, monkeypatch):
-    compiled = []
+@pytest.fixture
+def built(extract, monkeypatch):
+    """The backbones the benchmark builds."""
+    backbones = []
     original = extract.build_model_from_cfg
 
     def build_and_record(*args, **kwargs):
         backbone, embed_dim = original(*args, **kwargs)
-        compiled.append(backbone)
+        backbones.append(backbone)
         return backbone, embed_dim
 
     monkeypatch.setattr(extract, "build_model_from_cfg", build_and_record)
+    return backbones
+
+
+def test_extract_benchmark_compiled_blocks(extract, built):
     (record,) = extract.run(_parser(extract).parse_args(TINY + ["--compile", "--compile-backend", "aot_eager"]))
-    assert record["compile"] is True and record["images_per_s"] > 0
-    assert all(block._compiled_call_impl is not None for block in compiled[0].flat_blocks())
+    assert record["compile"] is True and record["images_per_s"] > 0 and record["compile_mode"] is None
+    assert all(block._compiled_call_impl is not None for block in built[0].flat_blocks())
+    with pytest.raises(ValueError, match="--compile-mode 'fastest' is not a mode of backend 'inductor'"):
+        extract.run(_parser(extract).parse_args(TINY + ["--compile", "--compile-mode", "fastest"]))
+
+
+def test_extract_benchmark_cast_weights(extract, built):
+    (record,) = extract.run(_parser(extract).parse_args(TINY + ["--dtype", "bf16", "--cast-weights"]))
+    assert record["cast_weights"] is True and record["dtype"] == "bf16" and record["images_per_s"] > 0
+    assert {p.dtype for p in built[0].parameters()} == {torch.bfloat16}
 
 
 def test_extract_benchmark_profile(extract, tmp_path):

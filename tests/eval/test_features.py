@@ -8,10 +8,12 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from eval_helpers import QC_ARGS, dataset_str, load_eval_config, probe_args, probe_options, read_results
 
 import dinov2.distributed as distributed
 from dinov2.data import make_dataset
+from dinov2.data.transforms import make_classification_eval_transform
 from dinov2.eval import knn
 from dinov2.eval.features import FeatureSet, FeatureStore, split_tag
 from dinov2.eval.setup import build_model_for_eval
@@ -68,6 +70,31 @@ def test_cache_key_covers_transform_and_annotations(tmp_path, eval_config, sampl
                path)
     with pytest.raises(ValueError, match="does not match"):
         store._load(path, fields, 6)
+
+
+def test_cast_weights_extract_in_their_dtype_into_their_own_cache(tmp_path, eval_config, sample_root):
+    """A backbone cast to bf16 (`--cast-weights`) runs wholly in bf16, without autocast: features within bf16
+    rounding of the float32 ones, cached under their own key."""
+    cfg = load_eval_config(eval_config)
+    transform = make_classification_eval_transform(resize_size=64, crop_size=64)
+    test = dataset_str(sample_root, "TEST")
+    features, fields, paths = [], [], []
+    for cast in (False, True):
+        model = build_model_for_eval(cfg, "random")
+        if cast:
+            model.to(torch.bfloat16)
+        store = FeatureStore(model, torch.float32, cfg, "random", transform, cache_dir=str(tmp_path), batch_size=4,
+                             num_workers=0)
+        fields.append(store.cache_fields(test, make_dataset(dataset_str=test)))
+        paths.append(store.cache_path(test, fields[-1]))
+        feature_set = store.get(test)
+        features.append(torch.cat([feature_set.cls.flatten(1), feature_set.patch_mean], dim=1))
+    assert (fields[0]["dtype"], fields[1]["dtype"]) == ("torch.float32", "torch.bfloat16")
+    assert "cast_weights" not in fields[0] and fields[1]["cast_weights"] is True
+    assert paths[0] != paths[1] and all(os.path.isfile(p) for p in paths)
+    plain, cast = features
+    assert cast.dtype == torch.float32 and cast.shape == plain.shape and not torch.equal(cast, plain)
+    assert F.cosine_similarity(cast, plain).min() > 0.999
 
 
 @pytest.mark.parametrize("probe", ["knn", "linear", "log_regression"])

@@ -27,7 +27,8 @@ def train_record(**changes):
 
 def test_train_rows_check_speed_and_memory_only_for_the_anchor_protocol(summary):
     records = [
-        train_record(iter_time_mean_s=0.20983, host_ms_per_iter={"forward_backward": 150.0, "device_wait": 40.25}),
+        train_record(iter_time_mean_s=0.20983, host_ms_per_iter={"forward_backward": 150.0, "device_wait": 40.25},
+                     compile_loss=True),
         # 305 / 221.9 = 1.37x >= 1.25x; 35 GiB = 37.6 GB <= 39.7
         train_record(peak_memory_gib=37.5),  # 40.3 GB > 39.7 GB (though 37.5 GiB < 39.7)
         train_record(dtype="bfloat16", grad_scaler=False),  # reported beside, no target
@@ -36,10 +37,11 @@ def test_train_rows_check_speed_and_memory_only_for_the_anchor_protocol(summary)
                      images_per_s_runs=[700.0, 700.0], peak_memory_gib=None, mfu=None),  # 1.72x < 2x
     ]  # fmt: skip
     rows = summary.train_rows(records)
-    assert rows[0] == ["vit_large/16", "float16 + scaler", "yes", "yes", "305.0 (300.0, 310.0)",
+    assert rows[0] == ["vit_large/16", "float16 + scaler", "blocks + loss", "yes", "305.0 (300.0, 310.0)",
                        "1.37× (target 1.25×)", "yes", "0.590", "37.6 GB (35.0 GiB)", "yes",
                        "40.2 of 209.8 ms"]  # fmt: skip
     assert rows[1][-3:] == ["40.3 GB (37.5 GiB)", "**no**", "—"]  # a record without host phases
+    assert rows[1][2] == "blocks"
     assert rows[2][1] == "bfloat16" and rows[2][5:7] == ["1.37× (target 1.25×)", "—"] and rows[2][-2] == "—"
     assert rows[3][3] == "no" and rows[3][6] == "—" and rows[3][-2] == "—"
     assert rows[4] == ["vit_small/14", "float16 + scaler", "no", "yes", "700.0 (700.0, 700.0)",
@@ -51,6 +53,9 @@ def test_render_reads_every_kind_and_names_a_malformed_line(summary, tmp_path):
         train_record(),
         {"benchmark": "extract", "arch": "vit_large", "patch_size": 14, "img_size": 224, "dtype": "bf16",
          "batch_size": 256, "compile": True, "images_per_s": 3100.0},
+        {"benchmark": "extract", "arch": "vit_large", "patch_size": 14, "img_size": 224, "dtype": "bf16",
+         "batch_size": 256, "compile": True, "compile_mode": "max-autotune-no-cudagraphs", "cast_weights": True,
+         "images_per_s": 2800.0},
         {"benchmark": "data", "dataset": "synthetic", "image_size": "4000x3000", "path": "gpu", "device": "cuda",
          "num_workers": 16, "samples_per_s": 130.0},
         {"benchmark": "parity", "overrides": ["train.compile=true"], "iterations": 20, "within_tolerance": True,
@@ -69,6 +74,8 @@ def test_render_reads_every_kind_and_names_a_malformed_line(summary, tmp_path):
     assert summary.read_records(str(path)) == records
     text = summary.render(records)
     assert "| vit_large/14 224 | bf16 | 256 | yes | 3100.0 | 1.53× (target 1.5×) | yes |" in text
+    assert ("| vit_large/14 224 | bf16 weights | 256 | yes (max-autotune-no-cudagraphs) | 2800.0 | "
+            "1.38× (target 1.5×) | **no** |") in text  # fmt: skip
     assert "| 4000x3000 | gpu | cuda | 16 | 130.0 | 26 (5.00×) |" in text
     assert ("parity (train.compile=true), 20 iterations: within tolerance yes (rtol 0.02, atol 0.01); "
             "max |fast - fp32|: total_loss 0.004, koleo_loss 0.0021; "

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from train_helpers import random_batch, tiny_cfg
 
+from dinov2.loss.kernels import centered_softmax, lossfunc
 from dinov2.models import build_model_from_cfg
 from dinov2.train.ssl_meta_arch import LOSS_KEYS, SSLMetaArch
 from dinov2.utils.utils import PretrainedWeightsError
@@ -183,16 +184,20 @@ def test_pretrained_weights_wrong_arch_is_an_error(tmp_path):
 
 
 def test_compiled_checkpointed_blocks_give_the_plain_losses_gradients_and_keys():
-    """`train.compile` (aot_eager backend: dynamo + AOTAutograd, no C++ compiler needed) with
-    `train.activation_checkpointing`: same losses and student gradients as the plain model, same parameter names."""
+    """`train.compile` and `train.compile_loss` (aot_eager backend: dynamo + AOTAutograd, no C++ compiler needed)
+    with `train.activation_checkpointing`: same losses and student gradients as the plain model, same parameter
+    names."""
     results = []
     for fast in (False, True):
         torch.manual_seed(0)
         cfg = tiny_cfg(student__drop_path_rate=0.3, train__compile=fast, train__compile_backend="aot_eager",
-                       train__activation_checkpointing=fast)
+                       train__activation_checkpointing=fast, train__compile_loss=fast)
         model = SSLMetaArch(cfg)
         model.prepare_for_distributed_training()  # compiles the blocks that run (here: one process, fp32)
         model.train()
+        for loss in (model.dino_loss, model.ibot_patch_loss):
+            assert (loss.kernels.lossfunc is not lossfunc) == fast
+            assert (loss.kernels.centered_softmax is not centered_softmax) == fast
         assert [b.activation_checkpointing for b in model.student.backbone.blocks] == [fast] * 12
         assert not any(b.activation_checkpointing for b in model.teacher.backbone.blocks)
         for backbone in (model.student.backbone, model.teacher.backbone):
@@ -221,11 +226,13 @@ def test_compiled_checkpointed_blocks_give_the_plain_losses_gradients_and_keys()
         (dict(train__compile_mode="fastest"), "train.compile_mode 'fastest' is not a mode of backend 'inductor'"),
         (dict(train__compile_backend="aot_eager", train__compile_mode="max-autotune"),
          "train.compile_mode 'max-autotune' is not a mode of backend 'aot_eager'"),
+        (dict(train__compile=False, train__compile_loss=True, train__compile_backend="turbo"),
+         "train.compile_backend 'turbo' is not a torch.compile backend"),
     ],
 )
 def test_bad_compile_settings_name_the_key(overrides, message):
     with pytest.raises(ValueError, match=re.escape(message)):
-        SSLMetaArch(tiny_cfg(train__compile=True, **overrides))
+        SSLMetaArch(tiny_cfg(**{"train__compile": True, **overrides}))
 
 
 @pytest.mark.parametrize(
