@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Benchmarks: `backbone`, `data`, `train`, `parity`, `extract`. Each run prints one JSON line; the exit code is 1
+"""Benchmarks: `backbone`, `data`, `train`, `parity`, `extract`, `loss`. Each run prints one JSON line; the exit code is 1
 when a record says `"within_tolerance": false` (the loss-parity check). `summary` prints the GPU suite's JSON lines
 as markdown tables against the upstream anchor.
 
@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-SUBCOMMANDS = ("backbone", "data", "train", "parity", "extract", "summary")
+SUBCOMMANDS = ("backbone", "data", "train", "parity", "extract", "loss", "summary")
 
 
 def main(argv=None) -> int:

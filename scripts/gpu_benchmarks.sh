@@ -5,7 +5,8 @@
 # A run that fails leaves a {"benchmark": "failed", ...} line instead and the stage goes on with its other runs;
 # the exit code is then 1.
 #
-#   bash scripts/gpu_benchmarks.sh smoke | train-l16 | train-b14 | train-s14 | parity | extract | data | e2e | profile | summary | all
+#   bash scripts/gpu_benchmarks.sh smoke | train-l16 | train-b14 | train-s14 | parity | loss | extract | data | e2e | profile |
+#                                  summary | all
 #
 # Training runs follow the protocol of the anchor (upstream DINOv2 on the same GPU): `vitl16_short.yaml` (batch
 # 64, 2 x 224 + 8 local crops of 96 px for patch 16 / 98 px for patch 14, 65536 prototypes, shared head, drop path
@@ -103,6 +104,15 @@ case "$STAGE" in
       --iterations "$PARITY_ITERATIONS" \
       $ARCH_B14 $BF16 train.compile=true train.compile_loss=true $EXTRA
     ;;
+  loss)  # the iBOT loss maths per iteration, eager and compiled (train.compile_loss), at the masked-token counts of
+    # ViT-B/14 (about 4900, 256 patches) and ViT-L/16 (about 3760, 196 patches) in the anchor's protocol
+    for rows in 4992 3840; do
+      for compile in "" "--compile"; do
+        # shellcheck disable=SC2086
+        bench scripts/benchmark.py loss --rows "$rows" --dtype fp16 $compile
+      done
+    done
+    ;;
   extract)
     for variant in "" "--compile" "--compile --cast-weights" \
                    "--compile --cast-weights --compile-mode max-autotune-no-cudagraphs"; do
@@ -188,10 +198,11 @@ PY
     "$PYTHON" scripts/benchmark.py summary --results "$RESULTS"
     ;;
   all)
-    for stage in smoke train-l16 train-b14 train-s14 parity extract data e2e summary; do bash "$0" "$stage" || FAILED=$((FAILED + 1)); done
+    for stage in smoke train-l16 train-b14 train-s14 parity loss extract data e2e summary; do bash "$0" "$stage" || FAILED=$((FAILED + 1)); done
     ;;
   *)
-    echo "unknown stage '$STAGE': smoke | train-l16 | train-b14 | train-s14 | parity | extract | data | e2e | profile | summary | all" >&2
+    echo "unknown stage '$STAGE': smoke | train-l16 | train-b14 | train-s14 | parity | loss | extract | data | e2e |" \
+      "profile | summary | all" >&2
     exit 2
     ;;
 esac

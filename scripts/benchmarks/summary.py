@@ -135,7 +135,8 @@ def data_rows(records: List[Dict]) -> List[List[object]]:
 
 
 def render(records: List[Dict]) -> str:
-    """Markdown: one table per benchmark kind present in `records`, then the parity, e2e, smoke and failed runs."""
+    """Markdown: one table per benchmark kind present in `records`, then the parity, loss, e2e, smoke and failed
+    runs."""
     by_kind: Dict[str, List[Dict]] = {}
     for r in records:
         by_kind.setdefault(r.get("benchmark", "?"), []).append(r)
@@ -159,6 +160,10 @@ def render(records: List[Dict]) -> str:
             drift = ", ".join(f"{k} {v:.2g}" for k, v in r["mixed_max_abs_diff"].items())
             line += f"; mixed precision alone (x{r['mp_factor']} allowed on top): {drift}"
         parts.append(line)
+    for r in by_kind.get("loss", []):
+        peak = "" if r["peak_memory_mib"] is None else f", peak {r['peak_memory_mib']:.0f} MiB"
+        parts.append(f"loss maths {r['rows']} x {r['prototypes']} {r['dtype']}, compiled {_flag(r['compile'])}: "
+                     f"{r['ms_per_iter']:.2f} ms per iteration{peak} (last loss {r['last_loss']})")  # fmt: skip
     for r in by_kind.get("e2e", []):
         side = f", gpu_side_stream={r['gpu_side_stream']}" if r["gpu_augmentation"] else ""
         parts.append(f"e2e {r['arch']} batch {r['batch_size']}, gpu_augmentation={r['gpu_augmentation']}{side}: "

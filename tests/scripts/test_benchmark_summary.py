@@ -61,6 +61,8 @@ def test_render_reads_every_kind_and_names_a_malformed_line(summary, tmp_path):
         {"benchmark": "parity", "overrides": ["train.compile=true"], "iterations": 20, "within_tolerance": True,
          "rtol": 0.02, "atol": 0.01, "max_abs_diff": {"total_loss": 0.004, "koleo_loss": 0.0021}, "mp_factor": 2.0,
          "mixed_max_abs_diff": {"total_loss": 0.003, "koleo_loss": 0.002}},
+        {"benchmark": "loss", "rows": 4992, "prototypes": 65536, "dtype": "fp16", "compile": True, "ms_per_iter": 1.234,
+         "peak_memory_mib": 2400.4, "last_loss": 10.5},
         {"benchmark": "e2e", "arch": "vit_small/14", "batch_size": 64, "gpu_augmentation": True,
          "gpu_side_stream": True, "logged_iterations": 6, "images_per_s": 512.345},
         {"benchmark": "e2e", "arch": "vit_small/14", "batch_size": 64, "gpu_augmentation": False,
@@ -80,6 +82,7 @@ def test_render_reads_every_kind_and_names_a_malformed_line(summary, tmp_path):
     assert ("parity (train.compile=true), 20 iterations: within tolerance yes (rtol 0.02, atol 0.01); "
             "max |fast - fp32|: total_loss 0.004, koleo_loss 0.0021; "
             "mixed precision alone (x2.0 allowed on top): total_loss 0.003, koleo_loss 0.002") in text  # fmt: skip
+    assert "loss maths 4992 x 65536 fp16, compiled yes: 1.23 ms per iteration, peak 2400 MiB (last loss 10.5)" in text
     assert ("e2e vit_small/14 batch 64, gpu_augmentation=True, gpu_side_stream=True: 512.3 images/s over 6 logged "
             "iterations") in text  # fmt: skip
     assert "e2e vit_small/14 batch 64, gpu_augmentation=False: 300.0 images/s over 6 logged iterations" in text
