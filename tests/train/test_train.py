@@ -101,13 +101,14 @@ def test_resumed_run_reproduces_uninterrupted_losses(tmp_path, sample_root, monk
 
 
 def test_compile_and_activation_checkpointing_keep_the_training_losses(tmp_path, sample_root):
-    """4 iterations through the FSDP training loop: compiled (aot_eager) and checkpointed blocks give the losses of
-    the plain run, and the same checkpoint keys."""
+    """4 iterations through the training loop: compiled (aot_eager) and checkpointed blocks with the compiled loss
+    maths give the losses of the plain run, and the same checkpoint keys."""
     losses, keys = [], []
     for fast in (False, True):
         out = str(tmp_path / f"fast_{fast}")
         opts = tiny_opts(sample_root, optim__epochs=1, student__drop_path_rate=0.3, train__compile=fast,
-                         train__compile_backend="aot_eager", train__activation_checkpointing=fast)
+                         train__compile_backend="aot_eager", train__activation_checkpointing=fast,
+                         train__compile_loss=fast)
         run_training(out, opts)
         losses.append(_losses_by_iteration(out))
         keys.append(list(torch.load(os.path.join(out, "model_final.rank_0.pth"), weights_only=True)["model"]))
