@@ -81,3 +81,25 @@ def test_losses_with_compiled_kernels_match_eager():
         results.append([loss, local.grad, glob.grad, patches.grad, dino.state_dict()["center"], ibot.center])
     for eager, compiled in zip(*results):
         torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_cross_entropy_of_fp16_logits_is_closer_to_float64_than_eager():
+    """Eager rounds `s / temp` and the log-softmax to fp16 (upstream's maths with fp16 heads); the compiled function
+    rounds only its output, so values and gradients lie far closer to a float64 reference (the gradient of either is
+    then rounded to fp16: compiled, that rounding is its whole error)."""
+    kernels = LossKernels()
+    kernels.compile("inductor")
+    targets = F.softmax(3 * _rows(37, 1), dim=-1)
+    logits = (3 * _rows(37, 2)).half()
+    errors = {}
+    reference = logits.double().requires_grad_()
+    reference_value = lossfunc(targets.double(), reference, 0.1)
+    reference_value.sum().backward()
+    for name, fn in (("compiled", kernels.lossfunc), ("eager", lossfunc)):
+        student = logits.clone().requires_grad_()
+        value = fn(targets, student, 0.1)
+        value.sum().backward()
+        assert value.dtype == torch.float32 and student.grad.dtype == torch.float16
+        errors[name] = ((value.detach() - reference_value.detach()).abs().max().item(),
+                        (student.grad.double() - reference.grad).abs().max().item())  # fmt: skip
+    assert errors["compiled"][0] < errors["eager"][0] / 100 and errors["compiled"][1] < errors["eager"][1] / 5
