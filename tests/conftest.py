@@ -1,6 +1,12 @@
-"""Suite-wide isolation: a test that starts a process group or exports distributed variables leaves none behind."""
+"""Suite-wide isolation (a test that starts a process group or exports distributed variables leaves none behind)
+and the loading of the benchmark modules of scripts/benchmarks."""
 
+import argparse
+import importlib
 import os
+from pathlib import Path
+from types import ModuleType
+from typing import Callable, List
 
 import pytest
 import torch
@@ -28,3 +34,22 @@ def single_cpu_process(monkeypatch):
     distributed.enable()
     yield
     distributed.disable()
+
+
+@pytest.fixture
+def load_benchmark(monkeypatch) -> Callable[[str], ModuleType]:
+    """`load_benchmark(name)`: the module scripts/benchmarks/<name>.py (scripts/ is on sys.path for the test)."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "scripts"))
+    return lambda name: importlib.import_module(f"benchmarks.{name}")
+
+
+@pytest.fixture
+def benchmark_args() -> Callable[[ModuleType, List[str]], argparse.Namespace]:
+    """`benchmark_args(module, argv)`: `argv` parsed with the benchmark module's `add_arguments`."""
+
+    def parse(module: ModuleType, argv: List[str]) -> argparse.Namespace:
+        parser = argparse.ArgumentParser()
+        module.add_arguments(parser)
+        return parser.parse_args(argv)
+
+    return parse

@@ -13,13 +13,14 @@ TFLOP/s = FLOPs per image * images/s / 1e12.
 """
 
 import argparse
-import time
 
 import torch
 
 from dinov2.models import ARCHS
 from dinov2.models import vision_transformer as vits
 from dinov2.models.vision_transformer import DinoVisionTransformer
+
+from .timing import timed_calls
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -53,11 +54,6 @@ def forward_flops(model: DinoVisionTransformer, img_size: int) -> int:
     return flops
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def run(args: argparse.Namespace) -> list[dict]:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ffn_layer = args.ffn_layer or ("swiglufused" if args.arch == "vit_giant2" else "mlp")
@@ -70,17 +66,8 @@ def run(args: argparse.Namespace) -> list[dict]:
     dtype = DTYPES[args.dtype]
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     with torch.inference_mode(), autocast:
-        for _ in range(args.warmup):
-            model(images)
-        _synchronize(device)
-        start = time.perf_counter()
-        for _ in range(args.iters):
-            model(images)
-        _synchronize(device)
-        elapsed = time.perf_counter() - start
+        elapsed = timed_calls(lambda _: model(images), args.warmup, args.iters, device)
 
     images_per_s = args.iters * args.batch_size / elapsed
     flops = forward_flops(model, args.img_size)

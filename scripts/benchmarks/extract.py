@@ -9,7 +9,6 @@ the backbone cast to `--dtype` (the probes' `--cast-weights`) instead of autocas
 """
 
 import argparse
-import time
 from typing import Dict, List
 
 import torch
@@ -22,6 +21,7 @@ from dinov2.models import build_model_from_cfg
 from dinov2.utils.utils import check_compile_options
 
 from .profiling import profile_iterations
+from .timing import peak_memory_mib, timed_calls
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -67,18 +67,7 @@ def run(args: argparse.Namespace) -> List[Dict[str, object]]:
     n_blocks = min(MAX_BLOCKS, int(backbone.n_blocks))
     model = ProbeFeatureModel(backbone, n_blocks, make_autocast_ctx(autocast_dtype, device))
     images = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
-    for _ in range(args.warmup):
-        model(images)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    start = time.perf_counter()
-    for _ in range(args.iters):
-        model(images)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - start
-    peak_mib = round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda" else None
+    seconds = timed_calls(lambda _: model(images), args.warmup, args.iters, device)
     record = {
         "benchmark": "extract",
         "arch": args.arch,
@@ -95,7 +84,7 @@ def run(args: argparse.Namespace) -> List[Dict[str, object]]:
         "torch": torch.__version__,
         "images_per_s": round(args.iters * args.batch_size / seconds, 2),
         "ms_per_batch": round(1000 * seconds / args.iters, 2),
-        "peak_memory_mib": peak_mib,
+        "peak_memory_mib": peak_memory_mib(device),
     }
     if args.profile:
         tag = f"extract_{args.arch}_{args.dtype}" + ("_cast" if args.cast_weights else "")

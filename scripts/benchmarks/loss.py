@@ -11,13 +11,14 @@ and compiled runs.
 """
 
 import argparse
-import time
 from typing import Dict, List
 
 import torch
 
 from dinov2.loss import iBOTPatchLoss
 from dinov2.utils.utils import check_compile_options
+
+from .timing import peak_memory_mib, timed_calls
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -44,7 +45,9 @@ def run(args: argparse.Namespace) -> List[Dict[str, object]]:
     teacher = torch.randn(args.rows, args.prototypes, generator=generator, device=device).to(dtype)
     student = torch.randn(args.rows, args.prototypes, generator=generator, device=device).to(dtype)
 
-    def iteration(it: int) -> torch.Tensor:
+    losses: List[torch.Tensor] = []
+
+    def iteration(it: int) -> None:
         n = args.rows - it % 64
         masks = torch.ones(n, 1, dtype=torch.bool, device=device)  # one masked token per "image": weights 1
         with torch.no_grad():
@@ -53,19 +56,9 @@ def run(args: argparse.Namespace) -> List[Dict[str, object]]:
         logits = student[:n].detach().requires_grad_()
         value = loss.forward_masked(logits, targets, masks)
         value.backward()
-        return value.detach()
+        losses.append(value.detach())
 
-    for it in range(args.warmup):
-        iteration(it)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    start = time.perf_counter()
-    for it in range(args.warmup, args.warmup + args.iters):
-        value = iteration(it)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - start
+    seconds = timed_calls(iteration, args.warmup, args.iters, device)
     return [{
         "benchmark": "loss",
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -75,6 +68,6 @@ def run(args: argparse.Namespace) -> List[Dict[str, object]]:
         "dtype": args.dtype,
         "compile": args.compile,
         "ms_per_iter": round(1e3 * seconds / args.iters, 3),
-        "peak_memory_mib": round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda" else None,
-        "last_loss": round(float(value), 6),
+        "peak_memory_mib": peak_memory_mib(device),
+        "last_loss": round(float(losses[-1]), 6),
     }]  # fmt: skip

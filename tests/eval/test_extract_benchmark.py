@@ -1,9 +1,6 @@
 """scripts/benchmarks/extract.py: one JSON record of feature-extraction speed (tiny model, CPU)."""
 
-import argparse
 import json
-import importlib
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,25 +10,22 @@ TINY = ["--arch", "vit_tiny", "--patch-size", "16", "--img-size", "32", "--batch
 
 
 @pytest.fixture
-def extract(monkeypatch):
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "scripts"))
-    return importlib.import_module("benchmarks.extract")
+def extract(load_benchmark):
+    return load_benchmark("extract")
 
 
-def _parser(extract) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser()
-    extract.add_arguments(parser)
-    return parser
+@pytest.fixture
+def run_extract(extract, benchmark_args):
+    return lambda argv: extract.run(benchmark_args(extract, argv))
 
 
-def test_extract_benchmark_record(extract):
-    parser = _parser(extract)
-    (record,) = extract.run(parser.parse_args(TINY))
+def test_extract_benchmark_record(run_extract):
+    (record,) = run_extract(TINY)
     assert record["benchmark"] == "extract" and record["arch"] == "vit_tiny" and record["n_blocks"] == 4
     assert record["images_per_s"] > 0 and record["ms_per_batch"] > 0 and record["peak_memory_mib"] is None
     assert record["compile"] is False
     with pytest.raises(SystemExit, match="fp16"):
-        extract.run(parser.parse_args(["--dtype", "fp16", "--device", "cpu"]))
+        run_extract(["--dtype", "fp16", "--device", "cpu"])
 
 
 @pytest.fixture
@@ -49,22 +43,22 @@ def built(extract, monkeypatch):
     return backbones
 
 
-def test_extract_benchmark_compiled_blocks(extract, built):
-    (record,) = extract.run(_parser(extract).parse_args(TINY + ["--compile", "--compile-backend", "aot_eager"]))
+def test_extract_benchmark_compiled_blocks(run_extract, built):
+    (record,) = run_extract(TINY + ["--compile", "--compile-backend", "aot_eager"])
     assert record["compile"] is True and record["images_per_s"] > 0 and record["compile_mode"] is None
     assert all(block._compiled_call_impl is not None for block in built[0].flat_blocks())
     with pytest.raises(ValueError, match="--compile-mode 'fastest' is not a mode of backend 'inductor'"):
-        extract.run(_parser(extract).parse_args(TINY + ["--compile", "--compile-mode", "fastest"]))
+        run_extract(TINY + ["--compile", "--compile-mode", "fastest"])
 
 
-def test_extract_benchmark_cast_weights(extract, built):
-    (record,) = extract.run(_parser(extract).parse_args(TINY + ["--dtype", "bf16", "--cast-weights"]))
+def test_extract_benchmark_cast_weights(run_extract, built):
+    (record,) = run_extract(TINY + ["--dtype", "bf16", "--cast-weights"])
     assert record["cast_weights"] is True and record["dtype"] == "bf16" and record["images_per_s"] > 0
     assert {p.dtype for p in built[0].parameters()} == {torch.bfloat16}
 
 
-def test_extract_benchmark_profile(extract, tmp_path):
-    (record,) = extract.run(_parser(extract).parse_args([*TINY, "--profile", str(tmp_path), "--profile-iterations", "2"]))
+def test_extract_benchmark_profile(run_extract, tmp_path):
+    (record,) = run_extract([*TINY, "--profile", str(tmp_path), "--profile-iterations", "2"])
     profile = record["profile"]
     assert profile["iterations"] == 2 and profile["aten_ops_per_iter"] > 20
     assert profile["trace"] == str(tmp_path / "extract_vit_tiny_fp32.trace.json")

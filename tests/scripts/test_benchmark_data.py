@@ -1,14 +1,10 @@
 """scripts/benchmarks/data.py: multi-crop samples/s of the data paths, timed without work done off the clock."""
 
-import argparse
-import importlib
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 SECONDS_PER_SAMPLE = 0.3
 
 
@@ -24,15 +20,8 @@ class SlowCrops(torch.utils.data.Dataset):
 
 
 @pytest.fixture
-def data_benchmark(monkeypatch):
-    monkeypatch.syspath_prepend(str(SCRIPTS))
-    return importlib.import_module("benchmarks.data")
-
-
-def parse(data_benchmark, argv):
-    parser = argparse.ArgumentParser()
-    data_benchmark.add_arguments(parser)
-    return parser.parse_args(argv)
+def data_benchmark(load_benchmark):
+    return load_benchmark("data")
 
 
 def test_timed_batches_are_whole_waves_of_one_batch_per_worker(data_benchmark):
@@ -42,19 +31,21 @@ def test_timed_batches_are_whole_waves_of_one_batch_per_worker(data_benchmark):
     ]
 
 
-def test_batches_the_workers_made_before_the_clock_started_are_not_counted(data_benchmark):
+def test_batches_the_workers_made_before_the_clock_started_are_not_counted(data_benchmark, benchmark_args):
     # 3 workers at 0.3 s per sample make at most 10 samples/s. Timing starts after the first wave, so the figure
     # cannot exceed that; counting the other workers' first batches (ready when the first one arrives) made it
     # appear about 100x faster.
-    args = parse(data_benchmark, ["--num-workers", "3", "--batch-size", "1", "--num-samples", "2", "--device", "cpu"])
+    argv = ["--num-workers", "3", "--batch-size", "1", "--num-samples", "2", "--device", "cpu"]
+    args = benchmark_args(data_benchmark, argv)
     samples, seconds = data_benchmark._measure(SlowCrops(), "fast", args)
     assert samples == 3
     assert samples / seconds < 3 / SECONDS_PER_SAMPLE * 1.2
 
 
-def test_data_benchmark_runs_on_synthetic_jpegs(data_benchmark):
-    args = parse(data_benchmark, ["--image-size", "120x90", "--path", "all", "--num-samples", "2", "--repeats", "1",
-                                  "--local-crops-number", "2", "--device", "cpu"])  # fmt: skip
+def test_data_benchmark_runs_on_synthetic_jpegs(data_benchmark, benchmark_args):
+    argv = ["--image-size", "120x90", "--path", "all", "--num-samples", "2", "--repeats", "1",
+            "--local-crops-number", "2", "--device", "cpu"]  # fmt: skip
+    args = benchmark_args(data_benchmark, argv)
     records = data_benchmark.run(args)
     assert [(r["path"], r["image_size"], r["num_samples"], r["device"]) for r in records] == [
         ("reference", "120x90", 2, "cpu"),

@@ -1,11 +1,7 @@
 """scripts/benchmarks/profiling.py: the GPU busy fraction of the profiled kernels."""
 
-import importlib
-from pathlib import Path
 
-
-def test_busy_fraction_is_the_union_of_intervals(monkeypatch):
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "scripts"))
-    profiling = importlib.import_module("benchmarks.profiling")
+def test_busy_fraction_is_the_union_of_intervals(load_benchmark):
+    profiling = load_benchmark("profiling")
     assert profiling.busy_fraction([(0, 10), (5, 15), (20, 30), (22, 25)], 40) == 0.625
     assert profiling.busy_fraction([(0, 10)], 0) == 0.0

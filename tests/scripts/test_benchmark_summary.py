@@ -1,18 +1,13 @@
 """scripts/benchmarks/summary.py: the GPU suite's JSON lines as tables against the upstream anchor."""
 
-import importlib
 import json
-from pathlib import Path
 
 import pytest
 
-SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
-
 
 @pytest.fixture
-def summary(monkeypatch):
-    monkeypatch.syspath_prepend(str(SCRIPTS))
-    return importlib.import_module("benchmarks.summary")
+def summary(load_benchmark):
+    return load_benchmark("summary")
 
 
 def train_record(**changes):

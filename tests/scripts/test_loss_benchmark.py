@@ -1,30 +1,19 @@
 """scripts/benchmarks/loss.py: the iBOT loss maths per iteration, eager and compiled, on a tiny shape (CPU)."""
 
-import argparse
-import importlib
-from pathlib import Path
-
 import pytest
 
-SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 TINY = ["--rows", "80", "--prototypes", "48", "--dtype", "fp32", "--device", "cpu", "--warmup", "2", "--iters", "3"]
 
 
 @pytest.fixture
-def loss_benchmark(monkeypatch):
-    monkeypatch.syspath_prepend(str(SCRIPTS))
-    return importlib.import_module("benchmarks.loss")
+def run_loss(load_benchmark, benchmark_args):
+    loss_benchmark = load_benchmark("loss")
+    return lambda argv: loss_benchmark.run(benchmark_args(loss_benchmark, argv))
 
 
-def parse(loss_benchmark, argv):
-    parser = argparse.ArgumentParser()
-    loss_benchmark.add_arguments(parser)
-    return parser.parse_args(argv)
-
-
-def test_eager_and_compiled_records_agree_on_the_loss(loss_benchmark):
-    (eager,) = loss_benchmark.run(parse(loss_benchmark, TINY))
-    (compiled,) = loss_benchmark.run(parse(loss_benchmark, [*TINY, "--compile", "--compile-backend", "aot_eager"]))
+def test_eager_and_compiled_records_agree_on_the_loss(run_loss):
+    (eager,) = run_loss(TINY)
+    (compiled,) = run_loss([*TINY, "--compile", "--compile-backend", "aot_eager"])
     for record, was_compiled in ((eager, False), (compiled, True)):
         assert record["benchmark"] == "loss" and record["compile"] is was_compiled
         assert (record["rows"], record["prototypes"], record["dtype"]) == (80, 48, "fp32")
@@ -33,8 +22,8 @@ def test_eager_and_compiled_records_agree_on_the_loss(loss_benchmark):
     assert eager["last_loss"] > 0  # a cross-entropy
 
 
-def test_bad_arguments_are_refused(loss_benchmark):
+def test_bad_arguments_are_refused(run_loss):
     with pytest.raises(SystemExit, match="--rows must be above 64"):
-        loss_benchmark.run(parse(loss_benchmark, ["--rows", "64", "--device", "cpu"]))
+        run_loss(["--rows", "64", "--device", "cpu"])
     with pytest.raises(ValueError, match="--compile-backend 'turbo' is not a torch.compile backend"):
-        loss_benchmark.run(parse(loss_benchmark, [*TINY, "--compile", "--compile-backend", "turbo"]))
+        run_loss([*TINY, "--compile", "--compile-backend", "turbo"])

@@ -1,17 +1,14 @@
 """scripts/benchmarks/train.py and parity.py: FLOP formula, records, profiler output and the loss-parity check."""
 
-import argparse
 import importlib
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 from train_helpers import SAMPLE_CONFIG, precision_opts
 
-SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 TINY_BENCH = [
     "train.batch_size_per_gpu=4", "train.OFFICIAL_EPOCH_LENGTH=10", "crops.global_crops_size=64",
     "crops.local_crops_size=32", "crops.local_crops_number=2", "dino.head_n_prototypes=64",
@@ -20,15 +17,8 @@ TINY_BENCH = [
 
 
 @pytest.fixture
-def benchmarks(monkeypatch):
-    monkeypatch.syspath_prepend(str(SCRIPTS))
-    return importlib.import_module("benchmarks.train"), importlib.import_module("benchmarks.parity")
-
-
-def _args(module, argv):
-    parser = argparse.ArgumentParser()
-    module.add_arguments(parser)
-    return parser.parse_args(argv)
+def benchmarks(load_benchmark):
+    return load_benchmark("train"), load_benchmark("parity")
 
 
 def test_iteration_flops_match_pytorch_flop_counter(benchmarks):
@@ -51,10 +41,11 @@ def test_iteration_flops_match_pytorch_flop_counter(benchmarks):
     assert abs(counted - expected) / expected < 1e-4, (counted, expected)
 
 
-def test_train_benchmark_record_with_runs_host_phases_and_profile(benchmarks, tmp_path):
+def test_train_benchmark_record_with_runs_host_phases_and_profile(benchmarks, tmp_path, benchmark_args):
     train_bench, _ = benchmarks
-    args = _args(train_bench, ["--config-file", SAMPLE_CONFIG, "--warmup", "1", "--iterations", "2", "--runs", "2",
-                               "--profile", str(tmp_path), "--profile-iterations", "1", *TINY_BENCH])
+    argv = ["--config-file", SAMPLE_CONFIG, "--warmup", "1", "--iterations", "2", "--runs", "2",
+            "--profile", str(tmp_path), "--profile-iterations", "1", *TINY_BENCH]  # fmt: skip
+    args = benchmark_args(train_bench, argv)
     (record,) = train_bench.run(args)
     assert record["benchmark"] == "train" and record["arch"] == "vit_tiny" and record["batch_size"] == 4
     assert record["crops"] == "2x64 + 2x32" and record["dtype"] == "float32" and record["runs"] == 2
@@ -75,12 +66,13 @@ def test_train_benchmark_record_with_runs_host_phases_and_profile(benchmarks, tm
     assert "aten::mm" in open(profile["table"]).read()
 
 
-def test_parity_of_compiled_checkpointed_training_with_the_reference(benchmarks):
+def test_parity_of_compiled_checkpointed_training_with_the_reference(benchmarks, benchmark_args):
     """On the CPU both runs are fp32, so compiled (aot_eager) and checkpointed blocks must match exactly."""
     _, parity = benchmarks
-    args = _args(parity, ["--config-file", SAMPLE_CONFIG, "--iterations", "2", "--rtol", "0", "--atol", "1e-6",
-                          *TINY_BENCH, "student.drop_path_rate=0.3", "train.compile=true",
-                          "train.compile_backend=aot_eager", "train.activation_checkpointing=true"])
+    argv = ["--config-file", SAMPLE_CONFIG, "--iterations", "2", "--rtol", "0", "--atol", "1e-6", *TINY_BENCH,
+            "student.drop_path_rate=0.3", "train.compile=true", "train.compile_backend=aot_eager",
+            "train.activation_checkpointing=true"]  # fmt: skip
+    args = benchmark_args(parity, argv)
     (record,) = parity.run(args)
     assert record["within_tolerance"] is True and record["keys"][0] == "total_loss"
     assert len(record["reference"]) == len(record["fast"]) == len(record["mixed"]) == 2
@@ -106,7 +98,7 @@ def test_parity_failure_is_reported_and_sets_the_exit_code(benchmarks, monkeypat
     assert benchmark.main(["parity", "--config-file", SAMPLE_CONFIG, "--iterations", "2", "--rtol", "1.0"]) == 0
 
 
-def test_parity_allowance_is_the_drift_of_mixed_precision_alone(benchmarks, monkeypatch):
+def test_parity_allowance_is_the_drift_of_mixed_precision_alone(benchmarks, monkeypatch, benchmark_args):
     """With speed switches on, a loss term may differ from fp32 by the tolerance plus `--mp-factor` x the largest
     difference of the same precision without the switches; a term that mixed precision leaves alone gets nothing."""
     _, parity = benchmarks
@@ -121,22 +113,22 @@ def test_parity_allowance_is_the_drift_of_mixed_precision_alone(benchmarks, monk
     monkeypatch.setattr(parity, "loss_curve", loss_curve)
     argv = ["--config-file", SAMPLE_CONFIG, "--iterations", "2", "--rtol", "0.02", "--atol", "0.01",
             "train.compile=true"]  # fmt: skip
-    (record,) = parity.run(_args(parity, argv))
+    (record,) = parity.run(benchmark_args(parity, argv))
     assert record["mixed_max_abs_diff"] == pytest.approx({"total_loss": 0.05, "dino_local_crops_loss": 0.0,
                                                           "dino_global_crops_loss": 0.0, "koleo_loss": 0.05,
                                                           "ibot_loss": 0.0})  # fmt: skip
     assert record["allowance"]["koleo_loss"] == pytest.approx(0.1) and record["allowance"]["ibot_loss"] == 0.0
     assert record["fast_vs_mixed_max_abs_diff"]["koleo_loss"] == pytest.approx(0.03)
     assert record["within_tolerance"] is True  # 0.08 <= 0.01 + 0.02 * 0.1 + 0.1
-    (record,) = parity.run(_args(parity, ["--mp-factor", "1", *argv]))
+    (record,) = parity.run(benchmark_args(parity, ["--mp-factor", "1", *argv]))
     assert record["within_tolerance"] is False  # 0.08 > 0.01 + 0.002 + 0.05
     fast[1][4] = 0.13  # iBOT moves where mixed precision alone did not: beyond 0.01 + 0.02 * 0.1
-    (record,) = parity.run(_args(parity, argv))
+    (record,) = parity.run(benchmark_args(parity, argv))
     assert record["within_tolerance"] is False
 
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
-def test_mixed_precision_path_on_cpu(benchmarks, monkeypatch, precision):
+def test_mixed_precision_path_on_cpu(benchmarks, monkeypatch, precision, benchmark_args):
     """The CUDA precision plumbing, run on the CPU (which normally forces fp32): crops in the param dtype, one
     process's low-precision copies with fp16 + ShardedGradScaler (the default config) or bf16 without a scaler. The losses stay within mixed-precision
     distance of the fp32 reference and differ from it, which shows that the low-precision path really ran; compiled
@@ -161,7 +153,8 @@ def test_mixed_precision_path_on_cpu(benchmarks, monkeypatch, precision):
     # with the speed switches, which must not change the mixed-precision maths either
     slow_warmup = ["train.OFFICIAL_EPOCH_LENGTH=1000"]
     switches = ["train.compile=true", "train.compile_backend=aot_eager", "train.activation_checkpointing=true"]
-    args = _args(parity, ["--config-file", SAMPLE_CONFIG, "--iterations", "3", *overrides, *slow_warmup, *switches])
+    argv = ["--config-file", SAMPLE_CONFIG, "--iterations", "3", *overrides, *slow_warmup, *switches]
+    args = benchmark_args(parity, argv)
     (record,) = parity.run(args)
     assert record["fast"] == record["mixed"] and record["within_tolerance"] is True
     for reference, fast in zip(record["reference"], record["fast"]):
