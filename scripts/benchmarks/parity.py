@@ -2,13 +2,12 @@
 
 Both runs start from the same seed (same initial weights, same synthetic batches of the `train` benchmark, same
 stochastic-depth draws) and do `--iterations` full training iterations. The reference run is the same config with
-every FSDP mixed-precision dtype set to fp32, no grad scaler, TF32 off, `train.compile=false` and
-`train.activation_checkpointing=false`. When the fast run compiles, inductor is told to draw random numbers as eager
+every FSDP mixed-precision dtype set to fp32, no grad scaler, TF32 off and the speed switches `train.compile`,
+`train.compile_loss` and `train.activation_checkpointing` off. When the fast run compiles, inductor is told to draw random numbers as eager
 does (`fallback_random`), so that both runs drop the same samples in stochastic depth.
 
 Mixed precision alone moves the losses: on an untrained model most of all KoLeo, -log of the distances between
-almost equal class tokens. When the fast run uses speed switches (`train.compile`, `train.activation_checkpointing`),
-a third run measures that: the fast config's precision without the switches, i.e. upstream's maths in mixed
+almost equal class tokens. When the fast run uses speed switches, a third run measures that: the fast config's precision without the switches, i.e. upstream's maths in mixed
 precision. The allowance of a loss term is then `--mp-factor` x its largest |mixed - reference| over the run.
 
 The record lists the loss curves and, per term, the largest |fast - reference|, |mixed - reference| and
@@ -30,6 +29,8 @@ from dinov2.train.ssl_meta_arch import LOSS_KEYS, fp32_precision
 from .train import build_training, load_cfg
 
 METRIC_KEYS = ("total_loss",) + LOSS_KEYS
+# the train.* keys that must not change the maths
+SPEED_SWITCHES = ("compile", "compile_loss", "activation_checkpointing")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,20 +44,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def reference_cfg(cfg: DictConfig) -> DictConfig:
-    """`cfg` with fp32 everywhere, no grad scaler, no compile and no activation checkpointing."""
-    ref = copy.deepcopy(cfg)
+    """`cfg` with fp32 everywhere, no grad scaler and no speed switches."""
+    ref = mixed_cfg(cfg)
     ref.compute_precision = fp32_precision(cfg.compute_precision)
     ref.compute_precision.grad_scaler = False
-    ref.train.compile = False
-    ref.train.activation_checkpointing = False
     return ref
 
 
 def mixed_cfg(cfg: DictConfig) -> DictConfig:
     """`cfg` without the speed switches: its precision, upstream's maths."""
     mixed = copy.deepcopy(cfg)
-    mixed.train.compile = False
-    mixed.train.activation_checkpointing = False
+    for key in SPEED_SWITCHES:
+        mixed.train[key] = False
     return mixed
 
 
@@ -97,7 +96,7 @@ def run(args: argparse.Namespace) -> List[Dict]:
     cfg = load_cfg(args.config_file, args.opts)
     reference = loss_curve(reference_cfg(cfg), args.iterations, reference=True)
     fast = loss_curve(cfg, args.iterations, reference=False)
-    switches = bool(cfg.train.compile or cfg.train.activation_checkpointing)
+    switches = any(cfg.train[key] for key in SPEED_SWITCHES)
     mixed = loss_curve(mixed_cfg(cfg), args.iterations, reference=False) if switches else None
     max_abs = _max_abs_diff(fast, reference)
     allowance = {key: 0.0 for key in METRIC_KEYS}

@@ -132,7 +132,8 @@ def test_mixed_precision_path_on_cpu(benchmarks, monkeypatch, precision, benchma
     """The CUDA precision plumbing, run on the CPU (which normally forces fp32): crops in the param dtype, one
     process's low-precision copies with fp16 + ShardedGradScaler (the default config) or bf16 without a scaler. The losses stay within mixed-precision
     distance of the fp32 reference and differ from it, which shows that the low-precision path really ran; compiled
-    (aot_eager) and checkpointed blocks give exactly the losses of the plain mixed-precision run."""
+    (aot_eager) and checkpointed blocks and compiled loss maths give exactly the losses of the plain mixed-precision
+    run (which parity runs without all three switches)."""
     import dinov2.train.ssl_meta_arch as ssl_meta_arch
 
     train_bench, parity = benchmarks
@@ -152,7 +153,8 @@ def test_mixed_precision_path_on_cpu(benchmarks, monkeypatch, precision, benchma
     # a long warm-up as in real configs: the first fp16 steps are skipped by the scaler while its scale settles;
     # with the speed switches, which must not change the mixed-precision maths either
     slow_warmup = ["train.OFFICIAL_EPOCH_LENGTH=1000"]
-    switches = ["train.compile=true", "train.compile_backend=aot_eager", "train.activation_checkpointing=true"]
+    switches = ["train.compile=true", "train.compile_backend=aot_eager", "train.activation_checkpointing=true",
+                "train.compile_loss=true"]  # fmt: skip
     argv = ["--config-file", SAMPLE_CONFIG, "--iterations", "3", *overrides, *slow_warmup, *switches]
     args = benchmark_args(parity, argv)
     (record,) = parity.run(args)
