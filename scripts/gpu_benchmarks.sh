@@ -5,8 +5,8 @@
 # A run that fails leaves a {"benchmark": "failed", ...} line instead and the stage goes on with its other runs;
 # the exit code is then 1.
 #
-#   bash scripts/gpu_benchmarks.sh smoke | train-l16 | train-b14 | train-s14 | parity | loss | extract | data | e2e | profile |
-#                                  summary | all
+#   bash scripts/gpu_benchmarks.sh smoke | train-l16 | train-b14 | train-s14 | parity | loss | extract | data | e2e |
+#                                  profile | summary | all
 #
 # Training runs follow the protocol of the anchor (upstream DINOv2 on the same GPU): `vitl16_short.yaml` (batch
 # 64, 2 x 224 + 8 local crops of 96 px for patch 16 / 98 px for patch 14, 65536 prototypes, shared head, drop path
@@ -198,7 +198,9 @@ PY
     "$PYTHON" scripts/benchmark.py summary --results "$RESULTS"
     ;;
   all)
-    for stage in smoke train-l16 train-b14 train-s14 parity loss extract data e2e summary; do bash "$0" "$stage" || FAILED=$((FAILED + 1)); done
+    for stage in smoke train-l16 train-b14 train-s14 parity loss extract data e2e summary; do
+      bash "$0" "$stage" || FAILED=$((FAILED + 1))
+    done
     ;;
   *)
     echo "unknown stage '$STAGE': smoke | train-l16 | train-b14 | train-s14 | parity | loss | extract | data | e2e |" \

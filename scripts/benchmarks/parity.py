@@ -3,12 +3,13 @@
 Both runs start from the same seed (same initial weights, same synthetic batches of the `train` benchmark, same
 stochastic-depth draws) and do `--iterations` full training iterations. The reference run is the same config with
 every FSDP mixed-precision dtype set to fp32, no grad scaler, TF32 off and the speed switches `train.compile`,
-`train.compile_loss` and `train.activation_checkpointing` off. When the fast run compiles, inductor is told to draw random numbers as eager
-does (`fallback_random`), so that both runs drop the same samples in stochastic depth.
+`train.compile_loss` and `train.activation_checkpointing` off. When the fast run compiles, inductor is told to draw
+random numbers as eager does (`fallback_random`), so that both runs drop the same samples in stochastic depth.
 
 Mixed precision alone moves the losses: on an untrained model most of all KoLeo, -log of the distances between
-almost equal class tokens. When the fast run uses speed switches, a third run measures that: the fast config's precision without the switches, i.e. upstream's maths in mixed
-precision. The allowance of a loss term is then `--mp-factor` x its largest |mixed - reference| over the run.
+almost equal class tokens. When the fast run uses speed switches, a third run measures that: the fast config's
+precision without the switches, i.e. upstream's maths in mixed precision. The allowance of a loss term is then
+`--mp-factor` x its largest |mixed - reference| over the run.
 
 The record lists the loss curves and, per term, the largest |fast - reference|, |mixed - reference| and
 |fast - mixed| over the iterations; the run passes when |fast - reference| is at most

@@ -8,6 +8,7 @@ import torch
 
 
 def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on a CUDA device (nothing to wait for on the CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
