@@ -7,7 +7,9 @@ to `param_dtype`), without FSDP's per-unit parameter swapping: FSDP points every
 flat parameter before and after each unit's forward and backward, about 45 ms of host time per ViT-S/14 iteration on
 the H100 machine, where the whole iteration takes 60 ms without it (the GPU then waits for the host half the time).
 Here one foreach copy casts all parameters per iteration and one copy hands the gradients back. With one process
-nothing is reduced, so `reduce_dtype` does not apply.
+nothing is reduced, so `reduce_dtype` does not apply. A copy made `releasable` (the teacher's) keeps its tensors in
+flat buffers whose memory `release()` frees between its forward and the next `refresh()`, as FSDP frees its
+unsharded parameters after a forward.
 """
 
 import copy
@@ -39,13 +41,40 @@ def _floating_tensors(module: nn.Module) -> List[torch.Tensor]:
     return [*module.parameters(), *(b for b in module.buffers() if b.is_floating_point())]
 
 
+ALIGNMENT_BYTES = 256  # where each tensor starts in a flat buffer: vectorised kernels and cuBLAS want aligned inputs
+
+
+def flatten_into_buffers(tensors: List[torch.Tensor]) -> List[torch.Tensor]:
+    """Move `tensors` into one flat buffer per (dtype, device), each starting on an `ALIGNMENT_BYTES` boundary: the
+    tensors' `.data` become views of the buffers (the tensor objects, hence module attributes, stay the same), so
+    resizing a buffer's storage frees or restores all of them at once. Returns the buffers."""
+    groups: Dict[Tuple[torch.dtype, torch.device], List[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((t.dtype, t.device), []).append(t)
+    buffers = []
+    for (dtype, device), group in groups.items():
+        step = max(ALIGNMENT_BYTES // group[0].element_size(), 1)
+        offsets = [0]
+        for t in group:
+            offsets.append(offsets[-1] + -(-t.numel() // step) * step)
+        flat = torch.zeros(offsets[-1], dtype=dtype, device=device)
+        for t, offset in zip(group, offsets):
+            view = flat[offset : offset + t.numel()].view(t.shape)
+            view.copy_(t)
+            t.data = view
+        buffers.append(flat)
+    return buffers
+
+
 class LowPrecisionCopy:
     """`module`: a copy of `master` with parameters in `param_dtype` and floating-point buffers in `buffer_dtype`
     (made before any `torch.compile` of `master`'s blocks: compile the copy's). Call `refresh()` before a forward
     (after the optimizer step, the EMA or a checkpoint load changed `master`) and `grads_to_master()` after the
-    backward."""
+    backward. With `releasable`, `release()` frees the copy's memory until the next `refresh()`."""
 
-    def __init__(self, master: nn.Module, param_dtype: torch.dtype, buffer_dtype: torch.dtype) -> None:
+    def __init__(
+        self, master: nn.Module, param_dtype: torch.dtype, buffer_dtype: torch.dtype, releasable: bool = False
+    ) -> None:
         dtypes = {p.dtype for p in master.parameters()}
         if len(dtypes) != 1:
             raise ValueError(f"LowPrecisionCopy needs parameters of one dtype, got {sorted(map(str, dtypes))}")
@@ -60,12 +89,30 @@ class LowPrecisionCopy:
         self._master_tensors = _floating_tensors(master)
         self._tensors = _floating_tensors(self.module)
         self._trainable = [(m, p) for m, p in zip(master.parameters(), self.module.parameters()) if p.requires_grad]
+        self.releasable = releasable
+        self._flat = flatten_into_buffers(self._tensors) if releasable else []
+        self.released = False
         cast_forward_inputs(self.module, param_dtype)
 
     @torch.no_grad()
     def refresh(self) -> None:
-        """The copy's parameters and floating-point buffers <- the master's, cast (one foreach copy)."""
+        """The copy's parameters and floating-point buffers <- the master's, cast (one foreach copy), in memory
+        allocated again if `release()` freed it."""
+        if self.released:
+            for flat in self._flat:
+                flat.untyped_storage().resize_(flat.numel() * flat.element_size())
+            self.released = False
         torch._foreach_copy_(self._tensors, self._master_tensors)
+
+    def release(self) -> None:
+        """Free the memory of the copy's parameters and floating-point buffers (resize their flat storages to 0)
+        until the next `refresh()` (a forward in between is an error: the tensors have no memory). Kernels already
+        queued on the device still read it safely: the caching allocator hands it out again only in stream order."""
+        if not self.releasable:
+            raise RuntimeError("release() needs a LowPrecisionCopy made with releasable=True")
+        for flat in self._flat:
+            flat.untyped_storage().resize_(0)
+        self.released = True
 
     @torch.no_grad()
     def grads_to_master(self) -> None:

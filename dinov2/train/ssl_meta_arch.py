@@ -32,7 +32,13 @@ from dinov2.loss import DINOLoss, KoLeoLoss, iBOTPatchLoss
 from dinov2.models import build_model_from_cfg
 from dinov2.models.vision_transformer import BlockChunk
 from dinov2.utils.param_groups import fuse_params_groups, get_params_groups_with_decay
-from dinov2.utils.utils import check_compile_options, has_batchnorms, load_pretrained_weights, sdpa_backends_from_cfg
+from dinov2.utils.utils import (
+    check_compile_options,
+    has_batchnorms,
+    load_pretrained_weights,
+    sdpa_backends_from_cfg,
+    uses_cuda_graphs,
+)
 
 logger = logging.getLogger("dinov2")
 
@@ -76,6 +82,13 @@ class SSLMetaArch(nn.Module):
                 cfg.train.compile_backend, cfg.train.compile_mode, "train.compile_backend", "train.compile_mode"
             )
         self.sdpa_backends = sdpa_backends_from_cfg(cfg.train.sdpa_backends, "train.sdpa_backends")
+        self.release_teacher_copy = bool(cfg.train.release_teacher_copy)
+        if self.release_teacher_copy and self._compile_kwargs is not None and uses_cuda_graphs(self._compile_kwargs):
+            raise ValueError(
+                f"train.compile_mode {cfg.train.compile_mode!r} records CUDA graphs, which need the teacher's "
+                "parameters at fixed addresses, and train.release_teacher_copy=true frees them between iterations: "
+                "set train.release_teacher_copy=false or use a mode without CUDA graphs"
+            )
         student_model_dict = {"backbone": student_backbone}
         teacher_model_dict = {"backbone": teacher_backbone}
         self.embed_dim = embed_dim
@@ -242,6 +255,9 @@ class SSLMetaArch(nn.Module):
         with torch.no_grad():
             targets = self._teacher_targets(images, teacher_temp)
         reshard_fsdp_model(self.teacher)
+        for low_precision in self._copies["teacher"]:
+            if low_precision.releasable:
+                low_precision.release()  # the student's forward and backward (the peak) run without it
 
         student_crops = [global_crops, local_crops] if n_local_crops > 0 else [global_crops]
         student_masks = [masks, None] if n_local_crops > 0 else [masks]
@@ -370,7 +386,8 @@ class SSLMetaArch(nn.Module):
                 param_dtype = mixed_precision_dtype(mp_cfg.param_dtype, f"{key}.param_dtype")
                 buffer_dtype = mixed_precision_dtype(mp_cfg.buffer_dtype, f"{key}.buffer_dtype")
                 if param_dtype != next(module.parameters()).dtype:
-                    low_precision = LowPrecisionCopy(module, param_dtype, buffer_dtype)
+                    releasable = side == "teacher" and self.release_teacher_copy
+                    low_precision = LowPrecisionCopy(module, param_dtype, buffer_dtype, releasable)
                     self._copies[side].append(low_precision)
                     module = low_precision.module
                 elif self.mixed_precision:

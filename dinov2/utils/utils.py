@@ -346,6 +346,17 @@ def check_compile_options(
     return {"backend": backend, "mode": mode}
 
 
+def uses_cuda_graphs(compile_kwargs: Dict[str, Any]) -> bool:
+    """Whether `torch.compile` with these (checked) keyword arguments records CUDA graphs (inductor's
+    `reduce-overhead` and `max-autotune` modes), which replay at the addresses their inputs had when recorded."""
+    from torch._inductor import list_mode_options
+
+    mode = compile_kwargs.get("mode")
+    if compile_kwargs["backend"] != "inductor" or mode is None:
+        return False
+    return bool(list_mode_options(mode).get("triton.cudagraphs", False))
+
+
 def sdpa_backends_from_cfg(names: Optional[Sequence[str]], key: str) -> Optional[List[SDPBackend]]:
     """`torch.nn.attention.SDPBackend` members from their names (None stays None: PyTorch's choice); the error for
     an unknown name names the config `key` and the choices."""

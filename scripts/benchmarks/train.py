@@ -247,6 +247,7 @@ def run(args: argparse.Namespace) -> List[Dict]:
         "compile": bool(cfg.train.compile),
         "compile_loss": bool(cfg.train.compile_loss),
         "activation_checkpointing": bool(cfg.train.activation_checkpointing),
+        "release_teacher_copy": bool(cfg.train.release_teacher_copy),
         "warmup": args.warmup,
         "iterations": args.iterations,
         "runs": args.runs,

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from dinov2.fsdp.low_precision import LowPrecisionCopy, cast_forward_inputs
+from dinov2.fsdp.low_precision import ALIGNMENT_BYTES, LowPrecisionCopy, cast_forward_inputs
 
 
 class Net(nn.Module):
@@ -73,6 +73,69 @@ def test_refresh_casts_the_updated_master():
     for (name, p), q in zip(master.named_parameters(), low.module.parameters()):
         assert q.dtype == torch.float16 and torch.equal(q, p.half()), name
     assert torch.equal(low.module.shift, master.shift.bfloat16())
+
+
+def _floating(module: nn.Module):
+    return [*module.parameters(), *(b for b in module.buffers() if b.is_floating_point())]
+
+
+def test_release_frees_the_copy_until_refresh():
+    """A releasable copy keeps its tensors as aligned views of one flat buffer per dtype; `release()` frees them all
+    (a forward in between is an error), `refresh()` brings back the master's current values; the master and a
+    non-releasable copy, which refuses `release()`, are untouched."""
+    torch.manual_seed(0)
+    master = Net()
+    low = LowPrecisionCopy(master, torch.float16, torch.bfloat16, releasable=True)
+    plain = LowPrecisionCopy(master, torch.float16, torch.bfloat16)
+    x, mask = torch.randn(5, 8), torch.rand(5, 4) > 0.3
+    assert torch.equal(low.module(x, mask), plain.module(x, mask))
+    storages = {t.untyped_storage().data_ptr() for t in _floating(low.module)}
+    assert len(storages) == 2  # fp16 parameters, bf16 buffer
+    assert all((t.data_ptr() - t.untyped_storage().data_ptr()) % ALIGNMENT_BYTES == 0 for t in _floating(low.module))
+    assert len({t.untyped_storage().data_ptr() for t in _floating(plain.module)}) == 6
+    with pytest.raises(RuntimeError, match="releasable=True"):
+        plain.release()
+
+    low.release()
+    assert low.released and {t.untyped_storage().nbytes() for t in _floating(low.module)} == {0}
+    with pytest.raises(RuntimeError, match="out of bounds for storage of size 0"):
+        low.module(x, mask)
+    with torch.no_grad():
+        master.fc2.bias.add_(1.0)
+        master.shift.mul_(2.0)
+    low.refresh()
+    plain.refresh()
+    assert not low.released
+    for t, reference in zip(_floating(low.module), _floating(plain.module)):
+        assert t.dtype == reference.dtype and torch.equal(t, reference)
+    assert torch.equal(low.module(x, mask), plain.module(x, mask))
+    assert all(p.dtype == torch.float32 and p.untyped_storage().nbytes() > 0 for p in _floating(master))
+
+
+def test_compiled_copy_reads_the_refreshed_memory():
+    """Inductor-compiled forwards of a releasable copy across release/refresh cycles: each gives the eager result of
+    the master's current values, and nothing is compiled after the first call (storage resizes do not recompile)."""
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    master = Net()
+    low = LowPrecisionCopy(master, torch.bfloat16, torch.float32, releasable=True)
+    reference = LowPrecisionCopy(master, torch.bfloat16, torch.float32)
+    compiled = torch.compile(low.module, backend="inductor")
+    x, mask = torch.randn(5, 8), torch.rand(5, 4) > 0.3
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    graphs = []
+    for step in range(3):
+        low.refresh()
+        reference.refresh()
+        with torch.no_grad():
+            out = compiled(x, mask)
+        graphs.append(counters["stats"]["unique_graphs"])
+        low.release()
+        torch.testing.assert_close(out, reference.module(x, mask), rtol=0, atol=0, msg=f"step {step}")
+        with torch.no_grad():
+            master.fc1.weight.mul_(0.5)
+    assert graphs[0] > 0 and graphs == graphs[:1] * 3
 
 
 def test_parameters_of_several_dtypes_are_refused():

@@ -228,11 +228,21 @@ def test_compiled_checkpointed_blocks_give_the_plain_losses_gradients_and_keys()
          "train.compile_mode 'max-autotune' is not a mode of backend 'aot_eager'"),
         (dict(train__compile=False, train__compile_loss=True, train__compile_backend="turbo"),
          "train.compile_backend 'turbo' is not a torch.compile backend"),
+        (dict(train__compile_mode="reduce-overhead"),
+         "train.compile_mode 'reduce-overhead' records CUDA graphs, which need the teacher's parameters at fixed "
+         "addresses, and train.release_teacher_copy=true frees them"),
     ],
 )
 def test_bad_compile_settings_name_the_key(overrides, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         SSLMetaArch(tiny_cfg(**{"train__compile": True, **overrides}))
+
+
+def test_cuda_graph_modes_need_the_teacher_copy_kept():
+    """The way out the error above names: a CUDA-graph mode with `train.release_teacher_copy=false`."""
+    model = SSLMetaArch(tiny_cfg(train__compile=True, train__compile_mode="reduce-overhead",
+                                 train__release_teacher_copy=False))  # fmt: skip
+    assert model.release_teacher_copy is False
 
 
 @pytest.mark.parametrize(

@@ -49,6 +49,7 @@ def test_train_benchmark_record_with_runs_host_phases_and_profile(benchmarks, tm
     (record,) = train_bench.run(args)
     assert record["benchmark"] == "train" and record["arch"] == "vit_tiny" and record["batch_size"] == 4
     assert record["crops"] == "2x64 + 2x32" and record["dtype"] == "float32" and record["runs"] == 2
+    assert record["release_teacher_copy"] is True and record["compile"] is False
     assert len(record["images_per_s_runs"]) == 2 and all(v > 0 for v in record["images_per_s_runs"])
     mean_from_runs = 4 / (sum(4 / v for v in record["images_per_s_runs"]) / 2)
     assert math.isclose(record["images_per_s_mean"], mean_from_runs, rel_tol=0.02)
@@ -208,3 +209,8 @@ def test_one_process_without_fsdp_trains_like_fsdp(benchmarks, monkeypatch, prec
     assert trained and not any(torch.equal(params[f"student.{n}"], params[f"teacher.{n}"]) for n in trained)
     # the fp32 head ran as the module itself, its fp16/bf16 input cast like FSDP's
     assert model._run["student"]["dino_head"] is model.student.dino_head
+    # the teacher's copies were freed after each teacher forward (train.release_teacher_copy), the student's kept
+    teacher_copies, student_copies = model._copies["teacher"], model._copies["student"]
+    assert teacher_copies and all(c.released for c in teacher_copies)
+    assert {p.untyped_storage().nbytes() for c in teacher_copies for p in c.module.parameters()} == {0}
+    assert student_copies and not any(c.releasable for c in student_copies)

@@ -1,5 +1,5 @@
 """dinov2.utils.utils: strict pretrained-weight loading (formats, prefixes, chunked <-> flat keys, error report),
-seeding, git info, CosineScheduler, BatchNorm detection."""
+seeding, git info, CosineScheduler, BatchNorm detection, CUDA-graph compile modes."""
 
 import logging
 import math
@@ -24,6 +24,7 @@ from dinov2.utils.utils import (
     get_sha,
     has_batchnorms,
     load_pretrained_weights,
+    uses_cuda_graphs,
 )
 
 
@@ -333,3 +334,12 @@ def test_atomic_write_replaces_whole_files_and_keeps_the_old_one_on_failure(tmp_
         os.umask(umask)
     assert path.read_bytes() == b"second"
     assert path.stat().st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize(
+    "backend, mode, expected",
+    [("inductor", None, False), ("inductor", "default", False), ("inductor", "max-autotune-no-cudagraphs", False),
+     ("inductor", "reduce-overhead", True), ("inductor", "max-autotune", True), ("aot_eager", None, False)],
+)
+def test_uses_cuda_graphs(backend, mode, expected):
+    assert uses_cuda_graphs({"backend": backend, "mode": mode}) is expected
