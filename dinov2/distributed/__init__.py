@@ -188,7 +188,8 @@ def _restrict_print_to_main_process() -> None:
 def enable(*, set_cuda_current_device: bool = True, overwrite: bool = False, allow_nccl_timeout: bool = False) -> None:
     """Detect the environment, export it, and start the default process group (idempotent).
 
-    Backend: NCCL when CUDA is available, gloo otherwise. `set_cuda_current_device` selects cuda:LOCAL_RANK;
+    Backend: NCCL when CUDA is available, gloo otherwise. `set_cuda_current_device` selects cuda:LOCAL_RANK (and
+    passes it to NCCL as the group's `device_id`);
     `allow_nccl_timeout=False` sets TORCH_NCCL_ASYNC_ERROR_HANDLING=1 so a stuck collective fails instead of hanging.
     A second call while enabled is a no-op.
     """
@@ -198,9 +199,12 @@ def enable(*, set_cuda_current_device: bool = True, overwrite: bool = False, all
     environment = detect_environment()
     _export_env(environment.as_env(), overwrite)
     backend = "nccl" if torch.cuda.is_available() else "gloo"
+    device_kwargs = {}
     if backend == "nccl":
         if set_cuda_current_device:
             torch.cuda.set_device(environment.local_rank)
+            # binds the communicator to this GPU (NCCL otherwise guesses it from the rank, and warns at each barrier)
+            device_kwargs["device_id"] = torch.device("cuda", environment.local_rank)
         if not allow_nccl_timeout:
             _export_env({"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"}, overwrite)
     if not dist.is_initialized():
@@ -210,6 +214,7 @@ def enable(*, set_cuda_current_device: bool = True, overwrite: bool = False, all
             rank=environment.rank,
             world_size=environment.world_size,
             timeout=datetime.timedelta(minutes=30),
+            **device_kwargs,
         )
         dist.barrier()
     _ENABLED = True

@@ -129,6 +129,30 @@ def test_enable_single_process_gloo_and_disable(monkeypatch):
     assert not [key for key in TORCHRUN_ENV if key in distributed.os.environ]  # exported variables removed again
 
 
+def test_enable_binds_nccl_to_the_local_gpu(monkeypatch):
+    """With CUDA, the NCCL group gets cuda:LOCAL_RANK as its `device_id` (the current device too), so NCCL does not
+    guess the GPU from the global rank; without `set_cuda_current_device` neither is set."""
+    for key in SLURM_ENV:
+        monkeypatch.delenv(key, raising=False)
+    for key, value in TORCHRUN_ENV.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(distributed.torch.cuda, "is_available", lambda: True)
+    devices, calls = [], []
+    monkeypatch.setattr(distributed.torch.cuda, "set_device", devices.append)
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(distributed.dist, "barrier", lambda: None)
+    for set_device in (True, False):
+        try:
+            distributed.enable(set_cuda_current_device=set_device)
+        finally:
+            distributed.disable()
+    assert devices == [1]
+    assert [(c["backend"], c["rank"], c["world_size"], c.get("device_id")) for c in calls] == [
+        ("nccl", 3, 4, distributed.torch.device("cuda", 1)),
+        ("nccl", 3, 4, None),
+    ]
+
+
 def test_shutdown_waits_for_the_other_ranks_then_tears_down(monkeypatch):
     for key in [*TORCHRUN_ENV, *SLURM_ENV]:
         monkeypatch.delenv(key, raising=False)
