@@ -6,7 +6,7 @@ from enum import Enum
 from typing import Any, Callable, Dict, List, Optional, Tuple, Type
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import Dataset, Sampler
 
 from .datasets import BBUDataset, ImageFolder, ImageNet, ImageNet22k
 from .samplers import DistributedSampler, EpochSampler, InfiniteSampler, ShardedInfiniteSampler
@@ -114,7 +114,7 @@ def make_dataset(
     dataset_str: str,
     transform: Optional[Callable] = None,
     target_transform: Optional[Callable] = None,
-):
+) -> Dataset:
     """Build the dataset a string describes, e.g. `BBU:root=data/bbu_sample:split=TRAIN`."""
     logger.info(f'using dataset: "{dataset_str}"')
     class_, kwargs = _parse_dataset_str(dataset_str)
@@ -174,7 +174,7 @@ def _make_sampler(
 
 def make_data_loader(
     *,
-    dataset,
+    dataset: Dataset,
     batch_size: int,
     num_workers: int,
     shuffle: bool = True,

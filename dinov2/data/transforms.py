@@ -40,7 +40,7 @@ def make_normalize_transform(
 def make_classification_train_transform(
     *,
     crop_size: int = 224,
-    interpolation=transforms.InterpolationMode.BICUBIC,
+    interpolation: transforms.InterpolationMode = transforms.InterpolationMode.BICUBIC,
     hflip_prob: float = 0.5,
     mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
     std: Sequence[float] = IMAGENET_DEFAULT_STD,
@@ -56,7 +56,7 @@ def make_classification_train_transform(
 def make_classification_eval_transform(
     *,
     resize_size: int = 256,
-    interpolation=transforms.InterpolationMode.BICUBIC,
+    interpolation: transforms.InterpolationMode = transforms.InterpolationMode.BICUBIC,
     crop_size: int = 224,
     mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
     std: Sequence[float] = IMAGENET_DEFAULT_STD,

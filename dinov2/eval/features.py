@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
+from torch.utils.data import Dataset
 
 import dinov2.distributed as distributed
 from dinov2.data import make_dataset
@@ -184,7 +185,7 @@ class FeatureStore:
             **({"cast_weights": True} if cast else {}),
         }
 
-    def cache_fields(self, dataset_str: str, dataset) -> Dict[str, object]:
+    def cache_fields(self, dataset_str: str, dataset: Dataset) -> Dict[str, object]:
         """Everything the features of `dataset` depend on, incl. a digest of its image list and labels (so an edited
         annotation file gets new features; images overwritten under the same names are not detected)."""
         targets = dataset.get_targets() if hasattr(dataset, "get_targets") else None

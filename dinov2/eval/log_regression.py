@@ -14,7 +14,7 @@ saw part of that data) and saved with the coefficients in `log_regression_classi
 import argparse
 import logging
 import os
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -76,7 +76,7 @@ def _use_cuml() -> bool:
     return CumlLogisticRegression is not None and torch.cuda.is_available()
 
 
-def _fit(x: np.ndarray, y: np.ndarray, c: float, max_iter: int, tol: float):
+def _fit(x: np.ndarray, y: np.ndarray, c: float, max_iter: int, tol: float) -> Any:
     if len(np.unique(y)) < 2:
         raise ValueError(f"logistic regression needs at least two classes in its training data, got {np.unique(y)}")
     if _use_cuml():
@@ -87,7 +87,7 @@ def _fit(x: np.ndarray, y: np.ndarray, c: float, max_iter: int, tol: float):
     return model.fit(x, y)
 
 
-def classifier_parameters(model, c: float) -> Dict[str, object]:
+def classifier_parameters(model: Any, c: float) -> Dict[str, object]:
     """JSON-able coefficients of a fitted model (the saved artefact; see `log_regression_probabilities`)."""
     return {
         "C": c,

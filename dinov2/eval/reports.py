@@ -10,6 +10,7 @@ Files (for probe P in knn / linear / log_regression and split tag S, e.g. "test"
     report.md                           all probes of the directory, rebuilt after each probe
 """
 
+import argparse
 import csv
 import json
 import logging
@@ -153,7 +154,7 @@ def evaluate_split(
     return result
 
 
-def results_header(args, probe: str, train: FeatureSet, settings: Dict[str, object],
+def results_header(args: argparse.Namespace, probe: str, train: FeatureSet, settings: Dict[str, object],
                    thresholds: Dict[str, object]) -> Dict[str, object]:
     """The fields every `results_eval_<probe>.json` starts with; `datasets` is filled by the probe."""
     return {

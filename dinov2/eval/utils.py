@@ -4,7 +4,7 @@ import contextlib
 import functools
 import logging
 import os
-from typing import IO, Any, Callable, Dict, Optional, Tuple, TypeVar
+from typing import IO, Any, Callable, Dict, Iterable, Optional, Tuple, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -58,7 +58,7 @@ class ModelWithIntermediateLayers(nn.Module):
         self.n_last_blocks = n_last_blocks
         self.autocast_ctx = autocast_ctx
 
-    def forward(self, images: torch.Tensor):
+    def forward(self, images: torch.Tensor) -> Tuple[Tuple[torch.Tensor, torch.Tensor], ...]:
         with torch.inference_mode():
             with self.autocast_ctx():
                 return self.feature_model.get_intermediate_layers(
@@ -74,7 +74,7 @@ def _model_device(model: nn.Module) -> torch.device:
 @torch.inference_mode()
 def evaluate(
     model: nn.Module,
-    data_loader,
+    data_loader: Iterable,
     postprocessors: Dict[str, nn.Module],
     metrics: Dict[str, Any],
     device: torch.device,

@@ -1,13 +1,16 @@
 """Backbone construction from the `student` section of the config (upstream `build_model`)."""
 
-from typing import Any
+from typing import Any, Tuple, Union
 
 from . import vision_transformer as vits
+
+Backbone = vits.DinoVisionTransformer
+Backbones = Union[Tuple[Backbone, Backbone, int], Tuple[Backbone, int]]  # see build_model
 
 ARCHS = ("vit_tiny", "vit_small", "vit_base", "vit_large", "vit_giant2")
 
 
-def build_model(args: Any, only_teacher: bool = False, img_size: int = 224):
+def build_model(args: Any, only_teacher: bool = False, img_size: int = 224) -> Backbones:
     """Student and teacher backbones from `args` (the config's `student` node): `(student, teacher, embed_dim)`,
     or `(teacher, embed_dim)` with `only_teacher`. Only the student gets stochastic depth. A `_memeff` suffix of
     `args.arch` (upstream's name for the xFormers variant) is ignored: the kernel is chosen at run time."""
@@ -35,7 +38,7 @@ def build_model(args: Any, only_teacher: bool = False, img_size: int = 224):
     return student, teacher, student.embed_dim
 
 
-def build_model_from_cfg(cfg: Any, only_teacher: bool = False):
+def build_model_from_cfg(cfg: Any, only_teacher: bool = False) -> Backbones:
     """`build_model(cfg.student, ...)` with pos_embed built for `cfg.student.img_size`, by default
     `cfg.crops.global_crops_size`."""
     img_size = getattr(cfg.student, "img_size", None) or cfg.crops.global_crops_size

@@ -7,7 +7,7 @@ get none) and is interpolated to the input resolution. `block_chunks > 0` groups
 
 import math
 from functools import partial
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -300,7 +300,7 @@ class DinoVisionTransformer(nn.Module):
             return tuple(zip(outputs, class_tokens))
         return tuple(outputs)
 
-    def forward(self, *args, is_training: bool = False, **kwargs):
+    def forward(self, *args: Any, is_training: bool = False, **kwargs: Any) -> Any:
         """Training: the `forward_features` dict(s). Otherwise: `head` of the normalised cls token (B, D)."""
         ret = self.forward_features(*args, **kwargs)
         if is_training:

@@ -17,7 +17,7 @@ host time), and `self.student` / `self.teacher` keep the fp32 parameters the opt
 
 import logging
 from contextlib import nullcontext
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, NoReturn, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -155,7 +155,7 @@ class SSLMetaArch(nn.Module):
         for k in self.student.keys():
             self.teacher[k].load_state_dict(self.student[k].state_dict())
 
-    def forward(self, inputs):
+    def forward(self, inputs: Any) -> NoReturn:
         raise RuntimeError("SSLMetaArch is trained with forward_backward(images, teacher_temp)")
 
     def backprop_loss(self, loss: torch.Tensor) -> None:
