@@ -36,7 +36,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 import dinov2.distributed as distributed
-from dinov2.utils.utils import atomic_write
+from dinov2.utils.utils import atomic_write, clean_wrapped_name
 
 logger = logging.getLogger("dinov2")
 
@@ -92,8 +92,23 @@ def _check_weights_only_value(value: Any, key: str) -> None:
 
 
 def _expected_model_keys(model: nn.Module) -> List[str]:
-    """State-dict keys of `model` without FSDP prefixes (cheap: no gather of the parameters)."""
-    return list(get_model_state_dict(model, options=StateDictOptions(full_state_dict=False)).keys())
+    """State-dict keys of `model` without FSDP prefixes, from the names of its parameters and persistent buffers: no
+    gather, and no sharded state dict (torch 2.4 cannot build one on a rank that holds no shard of a parameter)."""
+    keys = [name for name, _ in model.named_parameters(remove_duplicate=False)]
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for name, _ in module.named_buffers(recurse=False, remove_duplicate=False):
+            if name not in module._non_persistent_buffers_set:
+                keys.append(f"{module_name}.{name}" if module_name else name)
+    return [clean_wrapped_name(key) for key in keys]
+
+
+def full_state_dict_options(model: nn.Module) -> StateDictOptions:
+    """Options that gather the full (unsharded) state of `model` on every rank, or only on rank 0 for CUDA models.
+
+    `cpu_offload` (gather to rank 0, on the CPU) is only used for CUDA models. With CPU (gloo) FSDP it breaks: the
+    offloaded optimizer states alias one buffer (exp_avg comes back equal to exp_avg_sq), and torch 2.11's FSDP
+    segfaults cloning the offloaded parameters. Without it every rank simply receives the full CPU state."""
+    return StateDictOptions(full_state_dict=True, cpu_offload=any(p.is_cuda for p in model.parameters()))
 
 
 class FSDPCheckpointer:
@@ -164,11 +179,7 @@ class FSDPCheckpointer:
 
     # ---- save --------------------------------------------------------------------------------------------------
     def _gather_states(self):
-        # cpu_offload gathers to rank 0 on CPU. It is only used for CUDA models: with CPU (gloo) FSDP the offloaded
-        # optimizer states alias one buffer (torch 2.x: exp_avg comes back equal to exp_avg_sq), while without it
-        # every rank simply receives the full CPU state.
-        on_cuda = any(p.is_cuda for p in self.model.parameters())
-        options = StateDictOptions(full_state_dict=True, cpu_offload=on_cuda)
+        options = full_state_dict_options(self.model)
         if self.optimizer is None:
             return get_model_state_dict(self.model, options=options), None
         return get_state_dict(self.model, self.optimizer, options=options)

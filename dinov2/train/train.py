@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 from omegaconf import DictConfig
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
 import dinov2.distributed as distributed
 from dinov2.data import SamplerType, collate_data_and_cast, make_data_loader, make_dataset
@@ -32,7 +32,7 @@ from dinov2.data.datasets.extended import ExtendedVisionDataset
 from dinov2.data.gpu_augmentations import EncodedCropsTransform, GPUMultiCropAugmentation, collate_encoded_crops
 from dinov2.fsdp import FSDPCheckpointer, PeriodicCheckpointer, is_fsdp
 from dinov2.fsdp import clip_grad_norm_ as fsdp_clip_grad_norm_
-from dinov2.fsdp.checkpointer import get_rng_state, set_rng_state
+from dinov2.fsdp.checkpointer import full_state_dict_options, get_rng_state, set_rng_state
 from dinov2.logging import MetricLogger, SmoothedValue
 from dinov2.train import ssl_meta_arch
 from dinov2.train.ssl_meta_arch import LOSS_KEYS, SSLMetaArch
@@ -114,12 +114,13 @@ def apply_optim_scheduler(optimizer: torch.optim.Optimizer, lr: float, wd: float
 
 
 def teacher_state_dict(model: SSLMetaArch) -> Dict[str, torch.Tensor]:
-    """The full (gathered) teacher state dict with flat block keys, on CPU on rank 0 (empty elsewhere).
+    """The full (gathered) teacher state dict with flat block keys (for CUDA models on CPU on rank 0 and empty
+    elsewhere, see `full_state_dict_options`).
 
     A collective under FSDP: call it on every rank."""
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     state: Dict[str, torch.Tensor] = {}
     for name, module in model.teacher.items():
+        options = full_state_dict_options(module)
         for k, v in convert_chunked_to_flat(get_model_state_dict(module, options=options)).items():
             state[f"{name}.{k}"] = v
     return state

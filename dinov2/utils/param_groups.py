@@ -7,20 +7,12 @@ from typing import Any, Dict, Iterable, List, Sequence
 
 from torch import nn
 
+from dinov2.utils.utils import clean_wrapped_name
+
 logger = logging.getLogger("dinov2")
 
 # Backbone parameters that sit before the first block (layer 0 of the lr decay).
 _EMBEDDING_PARAMS = ("pos_embed", "patch_embed", "mask_token", "cls_token", "register_tokens")
-# Name parts inserted by FSDP (use_orig_params=True) and activation-checkpoint wrappers.
-_WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
-
-
-def _clean_name(name: str) -> str:
-    for part in _WRAPPER_PARTS:
-        name = name.replace(part, "")
-    return name
-
-
 def get_vit_lr_decay_rate(
     name: str,
     lr_decay_rate: float = 1.0,
@@ -35,7 +27,7 @@ def get_vit_lr_decay_rate(
     (`blocks.<i>.*`, or `blocks.<chunk>.<i>.*` with `chunked_blocks`); everything else, heads included,
     has layer_id num_layers + 1, i.e. multiplier 1.
     """
-    name = _clean_name(name)
+    name = clean_wrapped_name(name)
     layer_id = num_layers + 1
     is_backbone = force_is_backbone or name.startswith("backbone.")
     if is_backbone:
@@ -80,7 +72,7 @@ def get_params_groups_with_decay(
     for raw_name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        name = _clean_name(raw_name)
+        name = clean_wrapped_name(raw_name)
         lr_multiplier = get_vit_lr_decay_rate(name, lr_decay_rate, num_layers, force_is_backbone, chunked_blocks)
         if "patch_embed" in name:
             lr_multiplier *= patch_embed_lr_mult

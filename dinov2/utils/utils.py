@@ -43,6 +43,17 @@ class PretrainedWeightsError(RuntimeError):
         self.shape_mismatches = dict(shape_mismatches or {})
 
 
+# Name parts inserted by FSDP (use_orig_params=True) and activation-checkpoint wrappers.
+_WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+
+
+def clean_wrapped_name(name: str) -> str:
+    """A parameter or buffer name as the unwrapped module names it (FSDP and checkpoint-wrapper parts removed)."""
+    for part in _WRAPPER_PARTS:
+        name = name.replace(part, "")
+    return name
+
+
 def convert_chunked_to_flat(state_dict: Mapping[str, Any]) -> Dict[str, Any]:
     """Rename chunked block keys `[prefix.]blocks.<chunk>.<i>.*` to flat `[prefix.]blocks.<i>.*` (the layout of
     the released hub files); other keys are kept. Order is preserved."""
