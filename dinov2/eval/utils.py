@@ -110,7 +110,7 @@ def _all_gather(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def extract_features(
     model: nn.Module, dataset: Dataset, batch_size: int, num_workers: int, gather_on_cpu: bool = False
 ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -118,7 +118,8 @@ def extract_features(
 
     Rank r processes samples r, r + W, ... (no padding, no duplicates); with a process group the shards are
     all-gathered so every rank returns the full arrays. Works with world size 1 and no process group. Results are
-    on CPU when `gather_on_cpu` or the model is on CPU, else on the model's device.
+    on CPU when `gather_on_cpu` or the model is on CPU, else on the model's device. The model runs in inference mode,
+    the gather outside it (torch 2.4's all_gather fails on tensors made in inference mode).
     """
     rank, world_size = distributed.get_global_rank(), distributed.get_global_size()
     device = _model_device(model)
@@ -128,7 +129,8 @@ def extract_features(
     indices, features, labels = [], [], []
     metric_logger = MetricLogger(delimiter="  ")
     for samples, (index, target) in metric_logger.log_every(loader, 10, "Extracting features:"):
-        features.append(model(samples.to(device, non_blocking=True)).float())
+        with torch.inference_mode():
+            features.append(model(samples.to(device, non_blocking=True)).float())
         indices.append(torch.as_tensor(index, device=device).long())
         labels.append(torch.as_tensor(target, device=device).long())
     dim = features[0].shape[1] if features else 0
