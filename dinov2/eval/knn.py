@@ -61,12 +61,17 @@ def knn_class_probabilities(
     query_groups: Optional[np.ndarray] = None,
 ) -> Dict[int, np.ndarray]:
     """k -> (Nq, num_classes) weighted-vote probabilities. With group codes, training images of the query's own
-    group are excluded from its neighbours (leave-group-out)."""
-    one_hot = F.one_hot(train_labels.long(), num_classes).float()
+    group are excluded from its neighbours (leave-group-out).
+
+    Similarities are computed in float64: float32 products of float32 features are exact there, so which neighbours
+    are nearest does not depend on the rounding of the float32 matrix product (thread count, device, batch layout),
+    which decides it alone when the features of a barely trained model are almost equal."""
+    one_hot = F.one_hot(train_labels.long(), num_classes).double()
+    train_features = train_features.double()
     probs: Dict[int, List[torch.Tensor]] = {k: [] for k in ks}
     max_k = max(ks)
     for start in range(0, len(query_features), QUERY_CHUNK):
-        similarity = query_features[start : start + QUERY_CHUNK] @ train_features.T
+        similarity = query_features[start : start + QUERY_CHUNK].double() @ train_features.T
         if train_groups is not None:
             own = torch.from_numpy(query_groups[start : start + QUERY_CHUNK, None] == train_groups[None, :])
             similarity = similarity.masked_fill(own, float("-inf"))
@@ -74,7 +79,7 @@ def knn_class_probabilities(
         for k in ks:
             weights = torch.softmax(top_sims[:, :k] / temperature, dim=1)
             probs[k].append((weights[:, :, None] * one_hot[top_idx[:, :k]]).sum(dim=1))
-    return {k: torch.cat(v).double().numpy() if v else np.zeros((0, num_classes)) for k, v in probs.items()}
+    return {k: torch.cat(v).cpu().numpy() if v else np.zeros((0, num_classes)) for k, v in probs.items()}
 
 
 def _clip_ks(nb_knn: Sequence[int], n_train: int) -> List[int]:

@@ -43,6 +43,16 @@ def test_knn_probabilities_match_brute_force():
         assert probs[k].sum(axis=1) == pytest.approx(np.ones(4), abs=1e-6)
 
 
+def test_neighbours_closer_than_float32_rounding_are_told_apart():
+    """q.x1 = 1 and q.x2 = 1 + 2^-40 are the same float32 number, so a float32 product would leave the order of the
+    two neighbours to rounding details; in float64 they are exact and x2 (label 1) is the nearest."""
+    query = torch.tensor([[1.0, 2.0**-20]])
+    train = torch.tensor([[1.0, 0.0], [1.0, 2.0**-20]])
+    assert (query @ train.T)[0, 0] == (query @ train.T)[0, 1]
+    probs = knn_class_probabilities(train, torch.tensor([0, 1]), query, [1], 0.07, 2)
+    assert probs[1].tolist() == [[0.0, 1.0]]
+
+
 def test_leave_group_out_excludes_the_own_group():
     generator = torch.Generator().manual_seed(1)
     x = torch.nn.functional.normalize(torch.randn(9, 4, generator=generator), dim=1)
