@@ -131,17 +131,18 @@ def test_layerscale():
     torch.testing.assert_close(y, x * 2.0)
 
 
-def _saved_tensor_count(fn) -> int:
-    """Tensors autograd keeps for backward while `fn` runs (outer saved-tensor hooks see only what is kept)."""
+def _saved_elements(fn) -> int:
+    """Elements of the tensors autograd keeps for backward while `fn` runs (outer saved-tensor hooks see only what is
+    kept; some torch versions, 2.11 among them, show them the empty placeholder of a non-reentrant checkpoint)."""
     saved = []
 
     def pack(t):
-        saved.append(t)
+        saved.append(t.numel())
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn()
-    return len(saved)
+    return sum(saved)
 
 
 def test_activation_checkpointing_keeps_gradients_and_drops_saved_activations():
@@ -155,11 +156,12 @@ def test_activation_checkpointing_keeps_gradients_and_drops_saved_activations():
         inputs = [x.clone().requires_grad_() for x in xs]
         torch.manual_seed(3)
         outputs = []
-        n_saved = _saved_tensor_count(lambda: outputs.extend(block(inputs)))
+        n_saved = _saved_elements(lambda: outputs.extend(block(inputs)))
         sum((o * o).sum() for o in outputs).backward()
         grads = [p.grad.clone() for p in block.parameters()] + [x.grad.clone() for x in inputs]
         results[checkpointing] = (outputs, grads, n_saved)
     plain, checkpointed = results[False], results[True]
     for a, b in zip(plain[0] + plain[1], checkpointed[0] + checkpointed[1]):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
-    assert (checkpointed[2], plain[2] > 20) == (0, True), (checkpointed[2], plain[2])
+    # without checkpointing at least the activations of the MLP's hidden layer (4x the width) are kept
+    assert (checkpointed[2], plain[2] > 4 * sum(x.numel() for x in xs)) == (0, True), (checkpointed[2], plain[2])

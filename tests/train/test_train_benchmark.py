@@ -162,9 +162,11 @@ def test_mixed_precision_path_on_cpu(benchmarks, monkeypatch, precision, benchma
     assert record["fast"] == record["mixed"] and record["within_tolerance"] is True
     for reference, fast in zip(record["reference"], record["fast"]):
         assert all(math.isfinite(v) for v in fast)
-        assert fast[0] == pytest.approx(reference[0], rel=0.03)  # total loss
+        # total = DINO local + DINO global + 2 x (KoLeo + iBOT), the last two being reported per global crop
+        assert fast[0] == pytest.approx(fast[1] + fast[2] + 2 * (fast[3] + fast[4]), rel=1e-5)
         # DINO and iBOT terms; KoLeo (-log of nearest-neighbour distances between the almost equal class tokens of
-        # an untrained model) is the precision-sensitive term
+        # an untrained model) is the precision-sensitive term, within parity's allowance (`within_tolerance` above):
+        # bf16 moves it by up to 45 % here, by how much depends on the torch version's CPU kernels
         assert [fast[i] for i in (1, 2, 4)] == pytest.approx([reference[i] for i in (1, 2, 4)], rel=0.01)
     assert record["max_abs_diff"]["total_loss"] > 1e-4
 
