@@ -1,9 +1,9 @@
 """Distributed set-up: detect SLURM, torchrun or a single process, start the process group, rank helpers.
 
 `enable()` always starts a process group, also for a world of one (NCCL when CUDA is available, gloo otherwise),
-as upstream does, so FSDP and collectives behave the same at every world size. Before `enable()` (or after
-`disable()`) the helpers answer for a single process: rank 0, size 1, main process. Code that issues collectives
-itself should guard them with `is_enabled()`.
+as upstream does, so FSDP behaves the same at every world size. Before `enable()` (or after `disable()`) the helpers
+answer for a single process: rank 0, size 1, main process. Code that issues collectives itself should guard them with
+`is_multi_process()`: with one process they are skipped.
 
 Environment precedence: a torchrun-style environment (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR,
 MASTER_PORT; some but not all of them -> RuntimeError naming the missing ones), then a SLURM task (SLURM_JOB_ID and
@@ -245,7 +245,7 @@ def shutdown() -> None:
     """Normal end of a distributed script: wait for every rank, then `disable()`. A process group left to interpreter
     exit can abort the process in gloo's threads ("terminate called without an active exception") while another
     rank is still using it."""
-    if is_enabled() and get_global_size() > 1:
+    if is_multi_process():
         dist.barrier()
     disable()
 
@@ -270,6 +270,15 @@ def get_global_size() -> int:
     return dist.get_world_size() if is_enabled() else 1
 
 
+def is_multi_process() -> bool:
+    """True when a process group has more than one rank: the only case where a collective does anything.
+
+    With one process collectives are skipped, not issued: they would only add host time, and a gloo collective can
+    hang the process group's teardown in torch < 2.8 (its destructor holds the GIL while joining a worker thread
+    that needs the GIL to free the collective's tensors; pytorch/pytorch#154976)."""
+    return is_enabled() and get_global_size() > 1
+
+
 def get_global_rank() -> int:
     return dist.get_rank() if is_enabled() else 0
 
@@ -289,14 +298,14 @@ def is_main_process() -> bool:
 
 
 def barrier() -> None:
-    """Wait for all ranks; a no-op without a process group."""
-    if is_enabled():
+    """Wait for all ranks; a no-op with one process."""
+    if is_multi_process():
         dist.barrier()
 
 
 def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
-    """Mean over ranks, in place (returns `tensor`); the identity without a process group."""
-    if is_enabled():
+    """Mean over ranks, in place (returns `tensor`); the identity with one process."""
+    if is_multi_process():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         tensor.div_(get_global_size())
     return tensor

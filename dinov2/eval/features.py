@@ -225,7 +225,7 @@ class FeatureStore:
         fields = self.cache_fields(dataset_str, dataset)
         path = self.cache_path(dataset_str, fields)
         hit = torch.tensor([int(os.path.isfile(path))], device=distributed.collective_device())
-        if distributed.is_enabled():
+        if distributed.is_multi_process():
             torch.distributed.all_reduce(hit, op=torch.distributed.ReduceOp.MIN)  # every rank takes the same branch
         if hit.item():
             features, labels = self._load(path, fields, len(dataset))

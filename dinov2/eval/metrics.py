@@ -67,7 +67,7 @@ class TopKAccuracy:
 
     def compute(self) -> torch.Tensor:
         correct, total = self.correct.clone(), self.total.clone()
-        if distributed.is_enabled():
+        if distributed.is_multi_process():
             counts = torch.stack([correct, total]).to(distributed.collective_device())
             torch.distributed.all_reduce(counts)
             correct, total = counts.cpu()

@@ -30,8 +30,8 @@ class SmoothedValue:
         self.total += value * num
 
     def synchronize_between_processes(self) -> None:
-        """Sum count and total over ranks (the window stays local). A no-op without a process group."""
-        if not distributed.is_enabled():
+        """Sum count and total over ranks (the window stays local). A no-op with one process."""
+        if not distributed.is_multi_process():
             return
         t = torch.tensor([self.count, self.total], dtype=torch.float64, device=distributed.collective_device())
         torch.distributed.all_reduce(t)

@@ -102,7 +102,7 @@ class DINOLoss(TeacherCentering):
 def _all_reduce_sum(tensor: torch.Tensor, async_op: bool = False) -> Optional[dist.Work]:
     """In-place sum over ranks; returns the async handle if any. The identity without a process group and with one
     process (where a collective would only add host time and, with NCCL, a wait)."""
-    if not distributed.is_enabled() or distributed.get_global_size() == 1:
+    if not distributed.is_multi_process():
         return None
     return dist.all_reduce(tensor, op=dist.ReduceOp.SUM, async_op=async_op)
 

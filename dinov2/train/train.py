@@ -237,7 +237,7 @@ class LossMonitor:
     def sync(self) -> Dict[str, float]:
         bad = (self.first_bad_iter >= 0).to(torch.float64).reshape(1)
         reduced = torch.cat([self.window / max(self.count, 1), bad])
-        if distributed.is_enabled() and distributed.get_global_size() > 1:
+        if distributed.is_multi_process():
             torch.distributed.all_reduce(reduced)
             reduced[:-1] /= distributed.get_global_size()
         values = reduced.tolist()

@@ -172,6 +172,37 @@ def test_shutdown_waits_for_the_other_ranks_then_tears_down(monkeypatch):
     assert calls == [True]
 
 
+def test_one_process_issues_no_collectives(monkeypatch):
+    """With a process group of one, the helpers' collectives are skipped (torch < 2.8 can hang tearing down a gloo
+    group whose worker thread still frees a collective's tensors) and give what the collective would give."""
+    from dinov2.logging.helpers import SmoothedValue
+
+    for key in [*TORCHRUN_ENV, *SLURM_ENV]:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(distributed.torch.cuda, "is_available", lambda: False)
+    assert not distributed.is_multi_process()
+    distributed.enable(overwrite=True)
+    try:
+        calls = []
+        for name in ("all_reduce", "barrier"):
+            monkeypatch.setattr(distributed.dist, name, lambda *args, name=name, **kwargs: calls.append(name))
+        assert distributed.is_enabled() and not distributed.is_multi_process()
+        tensor = distributed.torch.tensor([3.0, 5.0])
+        assert distributed.all_reduce_mean(tensor).tolist() == [3.0, 5.0]
+        value = SmoothedValue()
+        value.update(2.0, num=3)
+        value.synchronize_between_processes()
+        distributed.barrier()
+        assert (calls, value.count, value.total) == ([], 3, 6.0)
+        monkeypatch.setattr(distributed, "get_global_size", lambda: 2)  # as if there were another rank
+        assert distributed.is_multi_process()
+        distributed.all_reduce_mean(tensor)
+        distributed.barrier()
+        assert calls == ["all_reduce", "barrier"]
+    finally:
+        distributed.disable()
+
+
 def test_exit_now_flushes_logs_and_streams_and_keeps_the_exit_code(tmp_path):
     """A finished script ends without interpreter finalization, but nothing written before is lost."""
     log_file = tmp_path / "log.txt"
