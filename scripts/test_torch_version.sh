@@ -4,7 +4,9 @@
 #   bash scripts/test_torch_version.sh 2.4.1 --min-deps   # the floor: every other requirement at its lowest version
 #   bash scripts/test_torch_version.sh 2.11.0             # the GPU machine's release, run on the CPU
 # torchvision 0.<minor + 15>.<patch> goes with torch 2.<minor>.<patch>. pip downloads a CUDA build of the given
-# torch (a few GB) unless it is on this disk. Extra arguments after the options go to pytest.
+# torch (a few GB) unless it is on this disk. Extra arguments after the options go to pytest. PYTHON picks the
+# interpreter (default python3), e.g. PYTHON=python3.10 for the floor of setup.py's python_requires; a venv per
+# interpreter then (.venv-torch<VERSION>-python3.10).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,8 +23,8 @@ if [[ "${1:-}" == "--min-deps" ]]; then
     shift
 fi
 
-venv=".venv-torch${torch_version}"
 python=${PYTHON:-python3}
+venv=".venv-torch${torch_version}${PYTHON:+-$(basename "$PYTHON")}"
 [[ -x "$venv/bin/python" ]] || "$python" -m venv "$venv"
 "$venv/bin/python" -m pip install -q "torch==${torch_version}" "torchvision==${torchvision_version}"
 "$venv/bin/python" -m pip install -q -e '.[dev]'
