@@ -8,6 +8,7 @@ from omegaconf import DictConfig
 from PIL import Image
 from torchvision import transforms
 
+from .datasets.decoders import to_rgb
 from .fast_crops import CropParams, hsv_tables, render_crops, sample_crop_params
 from .transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, GaussianBlur, make_normalize_transform
 
@@ -141,8 +142,7 @@ class DataAugmentationDINO:
         return self._output(crops[:2], crops[2:])
 
     def _call_reference(self, image: Image.Image) -> Dict[str, Any]:
-        if image.mode != "RGB":
-            image = image.convert("RGB")
+        image = to_rgb(image)
         global_crop_1 = self.global_transfo1(self.geometric_augmentation_global(image))
         global_crop_2 = self.global_transfo2(self.geometric_augmentation_global(image))
         local_crops = [

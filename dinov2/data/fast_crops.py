@@ -21,6 +21,8 @@ import torch.nn.functional as nnf
 from PIL import Image
 from torchvision.transforms import functional as F
 
+from .datasets.decoders import to_rgb
+
 DRAFT_SCALES = (8, 4, 2, 1)
 BLUR_KERNEL_SIZE = 9
 
@@ -160,11 +162,7 @@ def decode_for_crops(image: Image.Image, scale: int) -> Tuple[Image.Image, float
         drafted = image.draft("RGB", (width // scale, height // scale))
         if drafted is not None:  # (mode, box): the original image spans `box` = (0, 0, W / s, H / s) when reduced
             coordinate_scale = drafted[1][2] / width
-    if image.mode != "RGB":
-        image = image.convert("RGB")
-    else:
-        image.load()
-    return image, coordinate_scale
+    return to_rgb(image), coordinate_scale
 
 
 def _gaussian_kernel1d(sigma: float) -> List[float]:

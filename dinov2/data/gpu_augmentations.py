@@ -38,7 +38,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from .augmentations import DataAugmentationDINO
 from .collate import MASK_KEYS, collate_masks
-from .datasets.decoders import EncodedImage
+from .datasets.decoders import EncodedImage, to_rgb
 from .datasets.extended import ImageDecodeError
 from .fast_crops import BLUR_KERNEL_SIZE, CropParams
 from .transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -76,7 +76,7 @@ class EncodedCropsTransform:
                     "" if complete else ", no JPEG end-of-image marker",
                 )  # fmt: skip
             self.num_decoded_here += 1
-            pixels = torch.from_numpy(np.array(header.convert("RGB"))).permute(2, 0, 1).contiguous()
+            pixels = torch.from_numpy(np.array(to_rgb(header))).permute(2, 0, 1).contiguous()
         return {"encoded": encoded, "pixels": pixels, "crops": crops, "path": image.path}
 
 

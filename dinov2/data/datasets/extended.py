@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 from torchvision.datasets import VisionDataset
 
-from .decoders import EncodedImage, ImageDataDecoder, TargetDecoder
+from .decoders import EncodedImage, ImageDataDecoder, TargetDecoder, to_rgb
 
 logger = logging.getLogger("dinov2")
 
@@ -87,7 +87,7 @@ class ExtendedVisionDataset(VisionDataset, metaclass=ABCMeta):
             else:
                 image = ImageDataDecoder(self.get_image_data(index)).open()
                 if not self._transform_accepts("unloaded"):
-                    image = image.convert(mode="RGB")
+                    image = to_rgb(image)
             target = TargetDecoder(self.get_target(index)).decode()
             if self.transforms is not None:
                 image, target = self.transforms(image, target)
