@@ -17,7 +17,7 @@ import os
 import random
 import time
 from functools import partial
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -30,6 +30,7 @@ from dinov2.data.augmentations import make_augmentation_from_cfg
 from dinov2.data.collate import mask_args_from_cfg
 from dinov2.data.datasets.extended import ExtendedVisionDataset
 from dinov2.data.gpu_augmentations import EncodedCropsTransform, GPUMultiCropAugmentation, collate_encoded_crops
+from dinov2.data.prefetcher import DevicePrefetcher
 from dinov2.fsdp import FSDPCheckpointer, PeriodicCheckpointer, is_fsdp
 from dinov2.fsdp import clip_grad_norm_ as fsdp_clip_grad_norm_
 from dinov2.fsdp.checkpointer import full_state_dict_options, get_rng_state, set_rng_state
@@ -320,8 +321,10 @@ def do_train(cfg: DictConfig, model: SSLMetaArch, resume: bool = False) -> Dict[
             inputs_dtype, cfg.crops.gpu_decode_batch_size, side_stream=cfg.crops.gpu_side_stream
         )
     rng_state = get_rng_state()  # as restored from the checkpoint; iter() below draws the loader's base seed
-    data_iter = iter(data_loader)
+    data_iter: Iterator[Dict[str, Any]] = iter(data_loader)
     set_rng_state(rng_state)
+    if cfg.train.prefetch_to_device and cfg.train.num_workers > 0 and gpu_augmentation is None:
+        data_iter = DevicePrefetcher(data_iter, model.device)
 
     logger.info(f"Starting training from iteration {start_iter} to {max_iter}")
     metrics_file = os.path.join(cfg.train.output_dir, "training_metrics.json")

@@ -1,11 +1,13 @@
 """Training speed: full SSL iterations/s on synthetic pre-collated batches with the config's real crop shapes.
 
-One timed iteration = schedules + zero_grad + forward_backward (which copies the pinned CPU batch to the device) +
-(scaler unscale) + clip + step + EMA update + loss `.item()` (a host sync, so every iteration is complete when its
-time is taken). The data pipeline is not timed (see the `data` benchmark). `--runs` repeats warm-up + timed
-iterations on the same model; the record gives every run's mean and their mean. Prints images/s from the mean and
-the median iteration time, peak CUDA memory, model TFLOP/s and MFU (with --peak-tflops, or the device's known dense
-fp16/bf16 peak). The protocol of the GPU figures in the README: `--warmup 10 --iterations 50 --runs 2`.
+One timed iteration = schedules + zero_grad + forward_backward (which copies the pinned CPU batch to the device;
+with `train.prefetch_to_device`, as in training, the batch was already copied on a side stream during the previous
+iteration, and the next one's copy is queued) + (scaler unscale) + clip + step + EMA update + loss `.item()` (a host
+sync, so every iteration is complete when its time is taken). The data pipeline is not timed (see the `data`
+benchmark). `--runs` repeats warm-up + timed iterations on the same model; the record gives every run's mean and
+their mean. Prints images/s from the mean and the median iteration time, peak CUDA memory, model TFLOP/s and MFU
+(with --peak-tflops, or the device's known dense fp16/bf16 peak). The protocol of the GPU figures in the README:
+`--warmup 10 --iterations 50 --runs 2`.
 
 Every record also has `host_ms_per_iter`: the host time per phase of the timed iterations (`teacher` and `backward`
 are parts of `forward_backward`), and `device_wait`, the time the closing `.item()` waits for the device. A
@@ -27,6 +29,7 @@ Heads: 2 * tokens * sum of in x out over the head's Linear layers.
 """
 
 import argparse
+import itertools
 import random
 import statistics
 import time
@@ -41,6 +44,7 @@ from torch import nn
 import dinov2.distributed as distributed
 from dinov2.data import collate_data_and_cast
 from dinov2.data.collate import mask_args_from_cfg
+from dinov2.data.prefetcher import DevicePrefetcher
 from dinov2.train.ssl_meta_arch import SSLMetaArch
 from dinov2.train.train import apply_optim_scheduler, build_optimizer, build_schedulers, input_dtype, optimizer_step
 from dinov2.utils.config import apply_scaling_rules_to_cfg, get_cfg_from_args
@@ -157,7 +161,8 @@ def build_training(
 ) -> Tuple[SSLMetaArch, Callable[[int], Dict[str, torch.Tensor]], List[Dict]]:
     """Model (as do_train prepares it, on CUDA if available) seeded by `train.seed`, and `step(it)`: one full training
     iteration of do_train's maths on synthetic batch `it % NUM_SYNTHETIC_BATCHES`, returning the loss dict (on the
-    device). With `phases`, the host time of each phase of `step` is added to it."""
+    device); call it with it = 0, 1, 2, ... (`train.prefetch_to_device` hands the batches out in that order). With
+    `phases`, the host time of each phase of `step` is added to it."""
     distributed.enable(overwrite=True)
     torch.manual_seed(int(cfg.train.seed))
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
@@ -167,6 +172,8 @@ def build_training(
     optimizer = build_optimizer(cfg, model.get_params_groups())
     schedules = build_schedulers(cfg)
     batches = synthetic_batches(cfg, input_dtype(cfg))
+    cycled = (batches[it % len(batches)] for it in itertools.count())
+    feed = DevicePrefetcher(cycled, device) if cfg.train.prefetch_to_device else cycled
     phases = phases if phases is not None else HostPhases()
     model._teacher_targets = phases.wrap(model._teacher_targets, "teacher")
     model.backprop_loss = phases.wrap(model.backprop_loss, "backward")
@@ -177,7 +184,7 @@ def build_training(
             apply_optim_scheduler(optimizer, lr, wd, last_layer_lr)
             optimizer.zero_grad(set_to_none=True)
         with phases("forward_backward"):
-            loss_dict = model.forward_backward(batches[it % len(batches)], teacher_temp=teacher_temp)
+            loss_dict = model.forward_backward(next(feed), teacher_temp=teacher_temp)
         with phases("optimizer"):
             optimizer_step(model, optimizer, cfg.optim.clip_grad)
         with phases("ema"):
@@ -248,6 +255,7 @@ def run(args: argparse.Namespace) -> List[Dict]:
         "compile_loss": bool(cfg.train.compile_loss),
         "activation_checkpointing": bool(cfg.train.activation_checkpointing),
         "release_teacher_copy": bool(cfg.train.release_teacher_copy),
+        "prefetch_to_device": bool(cfg.train.prefetch_to_device),
         "warmup": args.warmup,
         "iterations": args.iterations,
         "runs": args.runs,

@@ -8,9 +8,11 @@ import pytest
 import torch
 from train_helpers import REPO, SAMPLE_CONFIG, precision_opts, read_metrics, run_training, tiny_opts
 
+from dinov2.data.prefetcher import DevicePrefetcher
 from dinov2.loss import KoLeoLoss
 from dinov2.models import vision_transformer as vits
 from dinov2.train import ssl_meta_arch
+from dinov2.train import train as train_module
 from dinov2.train.ssl_meta_arch import LOSS_KEYS, SSLMetaArch
 
 METRICS = ("total_loss",) + LOSS_KEYS
@@ -52,15 +54,24 @@ def test_resumed_run_reproduces_uninterrupted_losses(tmp_path, sample_root, monk
     identical losses and checkpoints. Also with the crops rendered by `crops.gpu_augmentation` (here on the CPU),
     and with fp16 + grad scaler, where the run is longer: the scale halves at every overflowing step from 2^16 and
     settles after about 12 iterations, so the crash comes after the optimizer has started stepping, and a scaler that
-    did not resume at its saved scale would skip the next steps again."""
+    did not resume at its saved scale would skip the next steps again. Batches from workers go through the
+    `train.prefetch_to_device` wrapper (which reads ahead only on CUDA), the others do not."""
     epochs, crash_iteration = (4, 13) if fp16 else (2, 5)
     iterations, resume_from = 4 * epochs, crash_iteration // 4 * 4 - 1
     opts = tiny_opts(sample_root, train__num_workers=num_workers, crops__gpu_augmentation=gpu_augmentation,
                      optim__epochs=epochs)
     if fp16:
         opts += _fp16_with_grad_scaler(monkeypatch)
+    prefetchers = []
+
+    def recorded_prefetcher(*args):
+        prefetchers.append(DevicePrefetcher(*args))
+        return prefetchers[-1]
+
+    monkeypatch.setattr(train_module, "DevicePrefetcher", recorded_prefetcher)
     straight = str(tmp_path / "straight")
     run_training(straight, opts)
+    assert len(prefetchers) == (1 if num_workers > 0 and not gpu_augmentation else 0)
     expected = _losses_by_iteration(straight)
     assert sorted(expected) == list(range(iterations))
 

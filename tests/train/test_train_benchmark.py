@@ -49,7 +49,8 @@ def test_train_benchmark_record_with_runs_host_phases_and_profile(benchmarks, tm
     (record,) = train_bench.run(args)
     assert record["benchmark"] == "train" and record["arch"] == "vit_tiny" and record["batch_size"] == 4
     assert record["crops"] == "2x64 + 2x32" and record["dtype"] == "float32" and record["runs"] == 2
-    assert record["release_teacher_copy"] is True and record["compile"] is False
+    assert record["release_teacher_copy"] is True and record["prefetch_to_device"] is True
+    assert record["compile"] is False
     assert len(record["images_per_s_runs"]) == 2 and all(v > 0 for v in record["images_per_s_runs"])
     mean_from_runs = 4 / (sum(4 / v for v in record["images_per_s_runs"]) / 2)
     assert math.isclose(record["images_per_s_mean"], mean_from_runs, rel_tol=0.02)
