@@ -44,7 +44,7 @@ class DevicePrefetcher:
         current = torch.cuda.current_stream(self._device)
         current.wait_stream(self._stream)
         for value in batch.values():
-            if torch.is_tensor(value) and value.device.type == "cuda":
+            if torch.is_tensor(value):
                 value.record_stream(current)
         try:
             self._ahead = self._queue_next()

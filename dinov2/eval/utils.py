@@ -125,7 +125,8 @@ def extract_features(
     device = _model_device(model)
     n = len(dataset)
     shard = Subset(DatasetWithEnumeratedTargets(dataset), range(rank, n, world_size))
-    loader = DataLoader(shard, batch_size=batch_size, num_workers=num_workers, shuffle=False, drop_last=False)
+    loader = DataLoader(shard, batch_size=batch_size, num_workers=num_workers, shuffle=False, drop_last=False,
+                        pin_memory=device.type == "cuda")  # else each batch's copy to the GPU blocks the host
     indices, features, labels = [], [], []
     metric_logger = MetricLogger(delimiter="  ")
     for samples, (index, target) in metric_logger.log_every(loader, 10, "Extracting features:"):
