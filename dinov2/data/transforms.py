@@ -3,7 +3,10 @@
 from typing import Sequence
 
 import torch
+from PIL import Image
 from torchvision import transforms
+
+from .fast_crops import DRAFT_SCALES, decode_for_crops
 
 
 class GaussianBlur(transforms.RandomApply):
@@ -24,6 +27,35 @@ class MaybeToTensor(transforms.ToTensor):
         if isinstance(pic, torch.Tensor):
             return pic
         return super().__call__(pic)
+
+
+class DraftDecode:
+    """Decode an unloaded JPEG at the coarsest DCT scale (1/2, 1/4 or 1/8: Pillow's draft mode) that keeps its short
+    side at least `reducing_gap` x `min_size`, as RGB (`to_rgb`), so that the resize after it starts from that
+    instead of the full-size photo; Pillow's `thumbnail(reducing_gap=...)` does the same. libjpeg then skips most of
+    the decoding work, and the resize most of its input. Other formats and loaded images are decoded at full size.
+    """
+
+    def __init__(self, min_size: int, reducing_gap: float) -> None:
+        if reducing_gap < 1.0:
+            raise ValueError(f"reducing_gap must be >= 1 (the decoded short side stays >= min_size), got {reducing_gap}")
+        self.min_size = min_size
+        self.reducing_gap = reducing_gap
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        target = self.reducing_gap * self.min_size
+        scale = next((s for s in DRAFT_SCALES if min(image.size) / s >= target), 1)
+        return decode_for_crops(image, scale)[0]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(min_size={self.min_size}, reducing_gap={self.reducing_gap})"
+
+
+class UnloadedImageCompose(transforms.Compose):
+    """Compose whose first step takes the image as the dataset opened it, not yet decoded (see
+    `ExtendedVisionDataset`): for `DraftDecode`."""
+
+    accepts_unloaded_image = True
 
 
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
@@ -60,13 +92,17 @@ def make_classification_eval_transform(
     crop_size: int = 224,
     mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
     std: Sequence[float] = IMAGENET_DEFAULT_STD,
+    draft_reducing_gap: float = 0.0,
 ) -> transforms.Compose:
-    """Evaluation transform: resize the short side, center crop, tensor, normalize."""
-    return transforms.Compose(
-        [
-            transforms.Resize(resize_size, interpolation=interpolation),
-            transforms.CenterCrop(crop_size),
-            MaybeToTensor(),
-            make_normalize_transform(mean=mean, std=std),
-        ]
-    )
+    """Evaluation transform: resize the short side, center crop, tensor, normalize. With `draft_reducing_gap` >= 1,
+    JPEGs are first decoded reduced (`DraftDecode`: short side >= draft_reducing_gap x resize_size); 0 decodes them
+    at full size, as upstream."""
+    steps = [
+        transforms.Resize(resize_size, interpolation=interpolation),
+        transforms.CenterCrop(crop_size),
+        MaybeToTensor(),
+        make_normalize_transform(mean=mean, std=std),
+    ]
+    if draft_reducing_gap == 0:
+        return transforms.Compose(steps)
+    return UnloadedImageCompose([DraftDecode(resize_size, draft_reducing_gap), *steps])

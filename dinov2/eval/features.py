@@ -247,14 +247,16 @@ class FeatureStore:
 def setup_feature_store(args: argparse.Namespace) -> FeatureStore:
     """Start of every probe CLI: check the QC options, set up the run and the backbone (`setup_eval_model`, cast
     with `--cast-weights`, blocks compiled with `--compile`), and return its feature store (eval transform from
-    `--resize-size/--crop-size`, cache in `--features-dir`)."""
+    `--resize-size/--crop-size/--draft-reducing-gap`, cache in `--features-dir`)."""
     check_qc_arguments(args)
     model, autocast_dtype, config = setup_eval_model(args)
     if args.cast_weights:
         model.to(autocast_dtype)  # float32 on the CPU: nothing changes there
     if args.compile:
         model.compile_blocks(backend=args.compile)
-    transform = make_classification_eval_transform(resize_size=args.resize_size, crop_size=args.crop_size)
+    transform = make_classification_eval_transform(
+        resize_size=args.resize_size, crop_size=args.crop_size, draft_reducing_gap=args.draft_reducing_gap
+    )
     cache_dir = args.features_dir or os.path.join(args.output_dir, "features")
     return FeatureStore(
         model, autocast_dtype, config, args.pretrained_weights, transform, cache_dir, args.batch_size, args.num_workers

@@ -1,4 +1,5 @@
-"""Data pipeline speed: DINO multi-crop samples/s (decode + DataAugmentationDINO), per worker and in total.
+"""Data pipeline speed: DINO multi-crop samples/s (decode + DataAugmentationDINO), or the probes' eval transform,
+per worker and in total.
 
 Reads `--dataset` (a dataset string, e.g. BBU:root=<R>:split=TRAIN) or, without it, synthetic JPEGs of each
 `--image-size` written to a temporary folder (smooth gradient + mild noise + rectangles, quality 90).
@@ -11,7 +12,9 @@ On a shared machine use `--repeats`: the paths are measured in turn and the best
 Paths: `reference` (torchvision PIL pipeline), `fast` (draft decode, crop first; the default), `gpu`
 (`crops.gpu_augmentation`: workers forward JPEG bytes and crop parameters, the batch is collated with its iBOT masks
 and decoded + augmented on `--device`, synchronised, so the figure is end to end); `both` = reference + fast,
-`all` = the three.
+`all` = the three. The probes' eval transform (resize the short side to `--resize-size`, centre crop `--crop-size`):
+`eval-full` (JPEGs decoded at full size, as upstream), `eval-draft` (decoded reduced, `--draft-reducing-gap`: the
+probes' default); `eval` = both.
 """
 
 import argparse
@@ -32,6 +35,7 @@ from dinov2.data import SamplerType, make_data_loader, make_dataset
 from dinov2.data.augmentations import make_augmentation_from_cfg
 from dinov2.data.collate import mask_args_from_cfg
 from dinov2.data.gpu_augmentations import EncodedCropsTransform, GPUMultiCropAugmentation, collate_encoded_crops
+from dinov2.data.transforms import make_classification_eval_transform
 
 NUM_SYNTHETIC_IMAGES = 4
 PATH_CHOICES = {
@@ -40,7 +44,11 @@ PATH_CHOICES = {
     "gpu": ("gpu",),
     "both": ("reference", "fast"),
     "all": ("reference", "fast", "gpu"),
+    "eval-full": ("eval-full",),
+    "eval-draft": ("eval-draft",),
+    "eval": ("eval-full", "eval-draft"),
 }
+EVAL_PATHS = ("eval-full", "eval-draft")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,7 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-size", nargs="+", default=["1920x1440"], help="WxH of synthetic JPEGs (several ok)")
     parser.add_argument("--path", choices=tuple(PATH_CHOICES), default="fast",
                         help="crop pipeline: fast (draft decode, crop first), reference (torchvision PIL), gpu "
-                             "(decode + augment on --device), both (reference + fast) or all")
+                             "(decode + augment on --device), both (reference + fast) or all; or the probes' eval "
+                             "transform: eval-full, eval-draft or eval (both)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="device of the gpu path")
     parser.add_argument("--patch-size", type=int, default=14, help="iBOT mask grid of the gpu path's collate")
@@ -59,6 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--local-crops-number", type=int, default=crops.local_crops_number)
     parser.add_argument("--global-crops-size", type=int, default=crops.global_crops_size)
     parser.add_argument("--local-crops-size", type=int, default=crops.local_crops_size)
+    parser.add_argument("--resize-size", type=int, default=256, help="eval paths: short side after the resize")
+    parser.add_argument("--crop-size", type=int, default=224, help="eval paths: centre crop size")
+    parser.add_argument("--draft-reducing-gap", type=float, default=2.0, help="eval-draft path: as the probes' option")
     parser.add_argument("--repeats", type=int, default=3,
                         help="measurements per path and size, interleaved across paths; best and median are reported")
     parser.add_argument("--seed", type=int, default=0)
@@ -99,7 +111,9 @@ def _stack_crops(samples: List[Tuple[Dict, object]]) -> Tuple[torch.Tensor, torc
 
 def _batch_steps(path: str, args: argparse.Namespace) -> Tuple[Callable, Callable[[Any], None]]:
     """(collate_fn, finish): the gpu path collates bytes, crop parameters and iBOT masks, and `finish` renders the
-    batch on the device and waits for it; the CPU paths stack the crops and finish at once."""
+    batch on the device and waits for it; the CPU paths stack the crops (or eval images) and finish at once."""
+    if path in EVAL_PATHS:
+        return lambda samples: torch.stack([image for image, _ in samples]), lambda batch: None
     if path != "gpu":
         return _stack_crops, lambda batch: None
     collate = partial(collate_encoded_crops, **mask_args_from_cfg(_config(path, args)))
@@ -172,9 +186,22 @@ def _config(path: str, args: argparse.Namespace) -> DictConfig:
 
 
 def _make_transform(path: str, args: argparse.Namespace) -> Callable:
-    """The training transform of `path`, as `build_data_loader` makes it."""
+    """The training transform of `path`, as `build_data_loader` makes it (or the probes' eval transform)."""
+    if path in EVAL_PATHS:
+        gap = args.draft_reducing_gap if path == "eval-draft" else 0.0
+        return make_classification_eval_transform(
+            resize_size=args.resize_size, crop_size=args.crop_size, draft_reducing_gap=gap
+        )
     augmentation = make_augmentation_from_cfg(_config(path, args))
     return EncodedCropsTransform(augmentation) if path == "gpu" else augmentation
+
+
+def _crops_text(path: str, args: argparse.Namespace) -> str:
+    if path == "eval-draft":
+        return f"resize {args.resize_size}, centre {args.crop_size}, draft reducing gap {args.draft_reducing_gap:g}"
+    if path == "eval-full":
+        return f"resize {args.resize_size}, centre {args.crop_size}"
+    return f"2x{args.global_crops_size} + {args.local_crops_number}x{args.local_crops_size}"
 
 
 def run(args: argparse.Namespace) -> List[dict]:
@@ -218,7 +245,7 @@ def run(args: argparse.Namespace) -> List[dict]:
                         "num_workers": args.num_workers,
                         "num_samples": counts[path],
                         "repeats": len(rates[path]),
-                        "crops": f"2x{args.global_crops_size} + {args.local_crops_number}x{args.local_crops_size}",
+                        "crops": _crops_text(path, args),
                         "samples_per_s": round(best, 2),
                         "samples_per_s_median": round(median, 2),
                         "samples_per_s_per_worker": round(best / max(1, args.num_workers), 2),

@@ -1,4 +1,7 @@
-"""Transforms: GaussianBlur probability as given, MaybeToTensor, classification train/eval transforms."""
+"""Transforms: GaussianBlur probability as given, MaybeToTensor, classification train/eval transforms, the eval
+transform's reduced JPEG decode."""
+
+import io
 
 import numpy as np
 import pytest
@@ -8,9 +11,11 @@ from torchvision import transforms
 from torchvision.transforms import functional as F
 
 from dinov2.data import make_classification_eval_transform, make_classification_train_transform
+from dinov2.data.datasets import ImageFolder
 from dinov2.data.transforms import (
     IMAGENET_DEFAULT_MEAN,
     IMAGENET_DEFAULT_STD,
+    DraftDecode,
     GaussianBlur,
     MaybeToTensor,
     make_normalize_transform,
@@ -74,6 +79,56 @@ def test_eval_transform_constant_image_values():
     out = make_classification_eval_transform(resize_size=64, crop_size=32)(Image.new("RGB", (80, 70), (10, 128, 250)))
     expected = (torch.tensor([10, 128, 250]).float().view(3, 1, 1) / 255 - MEAN) / STD
     assert out.shape == (3, 32, 32) and torch.allclose(out, expected.expand(3, 32, 32), atol=1e-5)
+
+
+def _photo_jpeg(width, height, fmt="JPEG"):
+    """Smooth gradients + mild noise (a photo's statistics, unlike pure noise), encoded."""
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    base = np.stack([xx / width * 220, yy / height * 220, (xx + yy) / (width + height) * 255], axis=-1)
+    noisy = base + np.random.default_rng(0).normal(0, 6, base.shape)
+    buffer = io.BytesIO()
+    Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(buffer, fmt, quality=90)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    "reducing_gap, fmt, decoded",
+    [(2.0, "JPEG", (1024, 768)), (1.0, "JPEG", (512, 384)), (4.0, "JPEG", (2048, 1536)), (1.0, "PNG", (2048, 1536))],
+)
+def test_draft_decode_keeps_the_short_side_at_least_gap_times_min_size(reducing_gap, fmt, decoded):
+    # short side 1536: / 2 = 768 >= 2 x 256, / 4 = 384 >= 256 but < 512, / 8 = 192 < 256; PNG has no DCT scales
+    image = DraftDecode(256, reducing_gap)(Image.open(io.BytesIO(_photo_jpeg(2048, 1536, fmt))))
+    assert image.mode == "RGB" and image.size == decoded
+
+
+def test_draft_decode_refuses_a_gap_below_one():
+    with pytest.raises(ValueError, match="reducing_gap must be >= 1"):
+        DraftDecode(256, 0.5)
+
+
+def test_eval_transform_with_draft_decode_is_within_rounding_of_the_full_decode():
+    data = _photo_jpeg(2048, 1536)
+    full = make_classification_eval_transform()(Image.open(io.BytesIO(data)).convert("RGB"))
+    for gap in (1.0, 2.0):
+        transform = make_classification_eval_transform(draft_reducing_gap=gap)
+        assert transform.accepts_unloaded_image and repr(transform).count("DraftDecode") == 1
+        reduced = transform(Image.open(io.BytesIO(data)))
+        assert reduced.shape == full.shape == (3, 224, 224)
+        difference = (reduced - full).abs() * STD * 255  # in grey levels
+        assert difference.mean() < 0.5 and difference.max() < 2.5, (gap, difference.mean(), difference.max())
+        assert difference.max() > 0  # decoded reduced indeed
+    plain = make_classification_eval_transform(draft_reducing_gap=0)
+    assert not getattr(plain, "accepts_unloaded_image", False) and "DraftDecode" not in repr(plain)
+
+
+def test_datasets_hand_the_draft_decode_the_unloaded_jpeg(tmp_path):
+    data = _photo_jpeg(2048, 1536)
+    (tmp_path / "a.jpg").write_bytes(data)
+    transform = make_classification_eval_transform(draft_reducing_gap=2.0)
+    sample, _ = ImageFolder(root=str(tmp_path), transform=transform)[0]
+    torch.testing.assert_close(sample, transform(Image.open(io.BytesIO(data))), rtol=0, atol=0)
+    loaded_first = transform(Image.open(io.BytesIO(data)).convert("RGB"))  # what a dataset that decoded would give
+    assert not torch.equal(sample, loaded_first)
 
 
 def test_train_transform():

@@ -1,12 +1,21 @@
-"""dinov2.eval.setup: strict weight loading (clear errors instead of random weights), seeded random baseline, dtype."""
+"""dinov2.eval.setup: strict weight loading (clear errors instead of random weights), seeded random baseline, dtype,
+the probes' option checks."""
 
 import argparse
 
 import pytest
 import torch
-from eval_helpers import load_eval_config
+from eval_helpers import load_eval_config, probe_args
 
-from dinov2.eval.setup import build_model_for_eval, get_args_parser, get_autocast_dtype, setup_and_build_model
+from dinov2.eval import knn
+from dinov2.eval.features import setup_feature_store
+from dinov2.eval.setup import (
+    build_model_for_eval,
+    check_qc_arguments,
+    get_args_parser,
+    get_autocast_dtype,
+    setup_and_build_model,
+)
 
 
 def test_teacher_checkpoint_is_loaded_exactly(eval_config, teacher_checkpoint):
@@ -64,3 +73,23 @@ def test_setup_and_build_model_on_cpu(tmp_path, eval_config):
     assert isinstance(args, argparse.Namespace) and (tmp_path / "config.yaml").is_file()
     assert autocast_dtype == torch.float32  # the config says fp16, but on CPU evaluation runs in fp32
     assert next(model.parameters()).device.type == "cpu" and model.embed_dim == 192
+
+DATASETS = ["--train-dataset", "BBU:root=unused:split=TRAIN", "--val-dataset", "BBU:root=unused:split=VAL"]
+
+
+@pytest.mark.parametrize("gap", ["0.5", "-1"])
+def test_a_draft_gap_between_zero_and_one_is_refused_naming_the_option(tmp_path, eval_config, gap):
+    args = probe_args(knn, eval_config, "random", tmp_path, *DATASETS, "--draft-reducing-gap", gap)
+    with pytest.raises(ValueError, match=f"--draft-reducing-gap must be 0 .* or >= 1, got {gap}"):
+        check_qc_arguments(args)
+
+
+@pytest.mark.parametrize("gap, step", [(None, "DraftDecode(min_size=64, reducing_gap=2.0)"), ("3", "reducing_gap=3.0"),
+                                       ("0", None)])  # fmt: skip
+def test_the_probes_eval_transform_decodes_with_the_draft_gap(tmp_path, eval_config, gap, step):
+    extra = DATASETS + ([] if gap is None else ["--draft-reducing-gap", gap])
+    store = setup_feature_store(probe_args(knn, eval_config, "random", tmp_path, *extra))
+    if step is None:
+        assert "DraftDecode" not in repr(store.transform)
+    else:
+        assert step in repr(store.transform) and store.base_fields["transform"] == repr(store.transform)

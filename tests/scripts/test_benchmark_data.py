@@ -53,3 +53,21 @@ def test_data_benchmark_runs_on_synthetic_jpegs(data_benchmark, benchmark_args):
         ("gpu", "120x90", 2, "cpu"),
     ]
     assert all(r["samples_per_s"] > 0 and r["crops"] == "2x224 + 2x96" for r in records)
+
+
+def test_data_benchmark_measures_the_probes_eval_transform_both_ways(data_benchmark, benchmark_args):
+    argv = ["--image-size", "640x480", "--path", "eval", "--num-samples", "2", "--repeats", "1", "--resize-size",
+            "64", "--crop-size", "56", "--draft-reducing-gap", "2"]  # fmt: skip
+    args = benchmark_args(data_benchmark, argv)
+    records = data_benchmark.run(args)
+    assert [(r["path"], r["crops"]) for r in records] == [
+        ("eval-full", "resize 64, centre 56"),
+        ("eval-draft", "resize 64, centre 56, draft reducing gap 2"),
+    ]
+    assert all(r["samples_per_s"] > 0 and r["num_samples"] == 2 for r in records)
+    transforms = {path: data_benchmark._make_transform(path, args) for path in ("eval-full", "eval-draft")}
+    assert "DraftDecode(min_size=64, reducing_gap=2.0)" in repr(transforms["eval-draft"])
+    assert "DraftDecode" not in repr(transforms["eval-full"])
+    collate, _ = data_benchmark._batch_steps("eval-draft", args)
+    images = [(torch.full((3, 56, 56), float(i)), ()) for i in range(2)]
+    assert torch.equal(collate(images), torch.stack([images[0][0], images[1][0]]))
