@@ -28,8 +28,11 @@ class DevicePrefetcher:
     def _to_device(self, batch: Dict[str, Any]) -> Dict[str, Any]:
         return {k: (v.to(self._device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
-    def _queue_next(self) -> Dict[str, Any]:
-        batch = next(self._batches)
+    def _queue_next(self) -> Optional[Dict[str, Any]]:
+        """The next batch with its copy queued on the side stream; None when the source is exhausted."""
+        batch = next(self._batches, None)
+        if batch is None:
+            return None
         with torch.cuda.stream(self._stream):
             return self._to_device(batch)
 
@@ -40,14 +43,12 @@ class DevicePrefetcher:
         if self._stream is None:
             return self._to_device(next(self._batches))
         batch = self._ahead if self._ahead is not None else self._queue_next()
-        self._ahead = None
+        if batch is None:
+            raise StopIteration
         current = torch.cuda.current_stream(self._device)
         current.wait_stream(self._stream)
         for value in batch.values():
             if torch.is_tensor(value):
                 value.record_stream(current)
-        try:
-            self._ahead = self._queue_next()
-        except StopIteration:
-            pass  # the next call asks the source again, which raises StopIteration again
+        self._ahead = self._queue_next()
         return batch
