@@ -113,7 +113,7 @@ def add_qc_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=2.0,
         help="Eval transform: decode JPEGs at the coarsest DCT scale (1/2, 1/4, 1/8) that keeps the short side at "
-        "least this many times --resize-size (3x faster on 12 MP photos; features within rounding of a full "
+        "least this many times --resize-size (3-4x faster on 12 MP photos; features within rounding of a full "
         "decode); 0 decodes at full size, as upstream",
     )
     parser.add_argument("--num-workers", type=int, default=8, help="Data loader workers for feature extraction")

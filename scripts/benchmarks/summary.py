@@ -124,9 +124,12 @@ def extract_rows(records: List[Dict]) -> List[List[object]]:
 
 
 def data_rows(records: List[Dict]) -> List[List[object]]:
+    """Multi-crop paths against upstream's multi-crop pipeline (16 workers, synthetic JPEGs); the probes' eval
+    transform (paths eval-*) has no anchor."""
     rows = []
     for r in records:
-        anchor = DATA_ANCHOR.get(r["image_size"]) if r["num_workers"] == 16 and r["dataset"] == "synthetic" else None
+        comparable = not r["path"].startswith("eval") and r["num_workers"] == 16 and r["dataset"] == "synthetic"
+        anchor = DATA_ANCHOR.get(r["image_size"]) if comparable else None
         rows.append([
             r["image_size"], r["path"], r["device"], r["num_workers"], f"{r['samples_per_s']:.1f}",
             "—" if anchor is None else f"{anchor:.0f} ({r['samples_per_s'] / anchor:.2f}×)",

@@ -53,6 +53,8 @@ def test_render_reads_every_kind_and_names_a_malformed_line(summary, tmp_path):
          "images_per_s": 2800.0},
         {"benchmark": "data", "dataset": "synthetic", "image_size": "4000x3000", "path": "gpu", "device": "cuda",
          "num_workers": 16, "samples_per_s": 130.0},
+        {"benchmark": "data", "dataset": "synthetic", "image_size": "4000x3000", "path": "eval-draft", "device": "cpu",
+         "num_workers": 16, "samples_per_s": 700.0},
         {"benchmark": "parity", "overrides": ["train.compile=true"], "iterations": 20, "within_tolerance": True,
          "rtol": 0.02, "atol": 0.01, "max_abs_diff": {"total_loss": 0.004, "koleo_loss": 0.0021}, "mp_factor": 2.0,
          "mixed_max_abs_diff": {"total_loss": 0.003, "koleo_loss": 0.002}},
@@ -74,6 +76,7 @@ def test_render_reads_every_kind_and_names_a_malformed_line(summary, tmp_path):
     assert ("| vit_large/14 224 | bf16 weights | 256 | yes (max-autotune-no-cudagraphs) | 2800.0 | "
             "1.38× (target 1.5×) | **no** |") in text  # fmt: skip
     assert "| 4000x3000 | gpu | cuda | 16 | 130.0 | 26 (5.00×) |" in text
+    assert "| 4000x3000 | eval-draft | cpu | 16 | 700.0 | — |" in text  # the anchor is a multi-crop pipeline
     assert ("parity (train.compile=true), 20 iterations: within tolerance yes (rtol 0.02, atol 0.01); "
             "max |fast - fp32|: total_loss 0.004, koleo_loss 0.0021; "
             "mixed precision alone (x2.0 allowed on top): total_loss 0.003, koleo_loss 0.002") in text  # fmt: skip
