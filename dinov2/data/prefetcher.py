@@ -5,6 +5,11 @@ from typing import Any, Dict, Iterable, Iterator, Optional
 import torch
 
 
+def batch_to_device(batch: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
+    """`batch` with every tensor moved to `device` (non-blocking: from pinned memory the copy is asynchronous)."""
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
 class DevicePrefetcher:
     """Iterator over `batches` (dicts, as the collate functions return them) with every tensor moved to `device`.
 
@@ -25,23 +30,20 @@ class DevicePrefetcher:
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._ahead: Optional[Dict[str, Any]] = None
 
-    def _to_device(self, batch: Dict[str, Any]) -> Dict[str, Any]:
-        return {k: (v.to(self._device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
-
     def _queue_next(self) -> Optional[Dict[str, Any]]:
         """The next batch with its copy queued on the side stream; None when the source is exhausted."""
         batch = next(self._batches, None)
         if batch is None:
             return None
         with torch.cuda.stream(self._stream):
-            return self._to_device(batch)
+            return batch_to_device(batch, self._device)
 
     def __iter__(self) -> Iterator[Dict[str, Any]]:
         return self
 
     def __next__(self) -> Dict[str, Any]:
         if self._stream is None:
-            return self._to_device(next(self._batches))
+            return batch_to_device(next(self._batches), self._device)
         batch = self._ahead if self._ahead is not None else self._queue_next()
         if batch is None:
             raise StopIteration

@@ -25,6 +25,7 @@ from torch import nn
 from torch.nn.attention import sdpa_kernel
 
 import dinov2.distributed as distributed
+from dinov2.data.prefetcher import batch_to_device
 from dinov2.fsdp import ShardedGradScaler, get_fsdp_wrapper, mixed_precision_dtype, reshard_fsdp_model
 from dinov2.fsdp.low_precision import LowPrecisionCopy, cast_forward_inputs
 from dinov2.layers import DINOHead
@@ -237,7 +238,7 @@ class SSLMetaArch(nn.Module):
         the displayed values (KoLeo and iBOT per global crop, as upstream) as detached tensors.
         """
         device = self.device
-        images = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in images.items()}
+        images = batch_to_device(images, device)
         n_local_crops = self.cfg.crops.local_crops_number
         global_crops = images["collated_global_crops"]
         local_crops = images["collated_local_crops"]

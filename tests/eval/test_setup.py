@@ -74,6 +74,7 @@ def test_setup_and_build_model_on_cpu(tmp_path, eval_config):
     assert autocast_dtype == torch.float32  # the config says fp16, but on CPU evaluation runs in fp32
     assert next(model.parameters()).device.type == "cpu" and model.embed_dim == 192
 
+
 DATASETS = ["--train-dataset", "BBU:root=unused:split=TRAIN", "--val-dataset", "BBU:root=unused:split=VAL"]
 
 
