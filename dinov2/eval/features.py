@@ -6,6 +6,10 @@ backbone output), the linear grid the concatenations of upstream's `create_linea
 `<features-dir>/<tag>_<key>.pt` is keyed by a hash of the weights (path, size, mtime; or the seed of a random init),
 the dataset string and its image list and labels, the model config, the transform, the number of blocks and the
 inference dtype, so the probes of one invocation (and later invocations with the same inputs) share one extraction.
+
+Every `FeatureSet` also carries its `source`: the SHA-256 of the backbone's state dict and the eval-transform settings.
+The probes save it with their classifiers, so that `dinov2.eval.predict` extracts new images the same way and refuses
+a classifier trained on another backbone.
 """
 
 import argparse
@@ -15,8 +19,8 @@ import logging
 import os
 import re
 from collections import Counter
-from dataclasses import dataclass
-from typing import Dict, List
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
@@ -65,6 +69,7 @@ class FeatureSet:
     group_ids: List[str]
     img_paths: List[str]
     class_names: List[str]
+    source: Dict[str, object] = field(default_factory=dict)  # backbone fingerprint + eval transform (see above)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -105,6 +110,7 @@ class FeatureSet:
             group_ids=[self.group_ids[i] for i in indices],
             img_paths=[self.img_paths[i] for i in indices],
             class_names=self.class_names,
+            source=self.source,
         )
 
     def normalized_cls(self) -> torch.Tensor:
@@ -139,6 +145,17 @@ class ProbeFeatureModel(nn.Module):
         return torch.cat([*class_tokens, outputs[-1][0].float().mean(dim=1)], dim=1)
 
 
+def backbone_fingerprint(model: nn.Module) -> str:
+    """SHA-256 of a backbone's state dict (names, dtypes, shapes and values, in name order): identifies the weights
+    wherever the file was copied to, unlike its path."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
 def weights_identity(pretrained_weights: str, seed: int) -> Dict[str, object]:
     """What identifies the weights for the cache: the seed of a random init, else path + size + mtime (or the URL)."""
     if pretrained_weights == RANDOM_WEIGHTS:
@@ -162,8 +179,10 @@ class FeatureStore:
         cache_dir: str,
         batch_size: int,
         num_workers: int,
+        source: Optional[Dict[str, object]] = None,
     ):
         self.model = model
+        self.source = source or {}
         self.n_blocks = min(MAX_BLOCKS, int(model.n_blocks))
         self.embed_dim = int(model.embed_dim)
         parameter = next(model.parameters())
@@ -241,6 +260,7 @@ class FeatureStore:
             group_ids=_group_ids(dataset, dataset_str),
             img_paths=_img_paths(dataset),
             class_names=_class_names(dataset, labels),
+            source=self.source,
         )
 
 
@@ -250,6 +270,13 @@ def setup_feature_store(args: argparse.Namespace) -> FeatureStore:
     `--resize-size/--crop-size/--draft-reducing-gap`, cache in `--features-dir`)."""
     check_qc_arguments(args)
     model, autocast_dtype, config = setup_eval_model(args)
+    source = {
+        "backbone_sha256": backbone_fingerprint(model),  # before any cast: the weights as loaded
+        "pretrained_weights": args.pretrained_weights,
+        "model": OmegaConf.to_container(config.student, resolve=True),
+        "eval_transform": {"resize_size": args.resize_size, "crop_size": args.crop_size,
+                           "draft_reducing_gap": args.draft_reducing_gap},
+    }
     if args.cast_weights:
         model.to(autocast_dtype)  # float32 on the CPU: nothing changes there
     if args.compile:
@@ -258,9 +285,8 @@ def setup_feature_store(args: argparse.Namespace) -> FeatureStore:
         resize_size=args.resize_size, crop_size=args.crop_size, draft_reducing_gap=args.draft_reducing_gap
     )
     cache_dir = args.features_dir or os.path.join(args.output_dir, "features")
-    return FeatureStore(
-        model, autocast_dtype, config, args.pretrained_weights, transform, cache_dir, args.batch_size, args.num_workers
-    )
+    return FeatureStore(model, autocast_dtype, config, args.pretrained_weights, transform, cache_dir, args.batch_size,
+                        args.num_workers, source)
 
 
 def _group_ids(dataset, dataset_str: str) -> List[str]:

@@ -7,7 +7,8 @@ Unlike upstream the classifiers read features extracted once per split (eval tra
 see dinov2/eval/features.py) instead of running the backbone every iteration: training takes seconds on a CPU.
 
 The kept classifier is saved as `linear_classifier.pth` together with its operating thresholds (chosen on the
-validation split with `--threshold-policy`), which are applied unchanged to the test splits.
+validation split with `--threshold-policy`), which are applied unchanged to the test splits, and the features' source
+(backbone fingerprint, eval transform): `dinov2.eval.predict` applies it to new images.
 """
 
 import argparse
@@ -209,7 +210,8 @@ def eval_linear(args: argparse.Namespace, train: FeatureSet, val: FeatureSet, te
                 "batch_size": args.batch_size}
     save_linear_classifier(os.path.join(args.output_dir, CHECKPOINT_NAME), best,
                            {"name": best_name, "settings": settings, "thresholds": thresholds,
-                            "class_names": train.class_names, "train_dataset": train.dataset_str})
+                            "class_names": train.class_names, "train_dataset": train.dataset_str,
+                            "features": train.source})
     results = results_header(args, "linear", train, settings, thresholds)
     results["grid"] = val_scores
     val_top1 = evaluate_split(args.output_dir, "linear", val, predict(best, val), thresholds, args.fpr_target,

@@ -8,7 +8,8 @@ chosen C on the training split (+ the finetune dataset if given) and evaluated o
 `--test-datasets`.
 
 The operating thresholds are chosen on the selection split with the selection-stage model (the refitted model
-saw part of that data) and saved with the coefficients in `log_regression_classifier.json` (no pickle).
+saw part of that data) and saved with the coefficients and the features' source in `log_regression_classifier.json`
+(no pickle); `dinov2.eval.predict` applies it to new images.
 """
 
 import argparse
@@ -180,10 +181,11 @@ def eval_log_regression(
         final_y = np.concatenate([train.labels, finetune.labels])
     params = classifier_parameters(_fit(final_x, final_y, best_c, args.max_train_iters, args.tol), best_c)
     settings = {"C": best_c, "metric_type": args.metric_type, "selection_score": scores[best_c],
-                "n_c": len(grid), "solver": "cuml" if _use_cuml() else "sklearn"}
+                "n_c": len(grid), "solver": "cuml" if _use_cuml() else "sklearn", "train_dtype": args.train_dtype}
     write_json_atomic(os.path.join(args.output_dir, CLASSIFIER_NAME),
                       {**params, "feature": "l2-normalised CLS token", "class_names": train.class_names,
-                       "train_dataset": train.dataset_str, "thresholds": thresholds, "settings": settings})
+                       "train_dataset": train.dataset_str, "thresholds": thresholds, "settings": settings,
+                       "features": train.source})
     results = results_header(args, "log_regression", train, settings, thresholds)
     results["grid"] = {f"{c:.6g}": s for c, s in scores.items()}
     results["best_C"] = best_c

@@ -15,7 +15,8 @@ import csv
 import json
 import logging
 import os
-from typing import Dict, List, Optional, Sequence
+from collections import Counter
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -118,8 +119,44 @@ def evaluate_split(
         result[level]["threshold_fallback"] = bool(thresholds[level]["fallback"])
     if not write_files:
         return result
-    scores = positive_scores(probs) if len(probs) else np.zeros(0)
     stem = f"{probe}_{tag}"
+    files = write_predictions(output_dir, stem, features, probs, thresholds)
+    scores = positive_scores(probs) if len(probs) else np.zeros(0)
+    _, g_labels, g_scores, _ = group_scores(features, scores, thresholds)
+    plots_dir = os.path.join(output_dir, "plots")
+    os.makedirs(plots_dir, exist_ok=True)
+    group_names = ["negative group", "positive group"]
+    for level, labels, level_scores, names in (("image", features.labels, scores, features.class_names),
+                                               ("group", g_labels, g_scores, group_names)):
+        path = os.path.join(plots_dir, f"{stem}_{level}.png")
+        _plot_level(path, f"{probe} on {tag}: {level} level", labels, level_scores, result[level], names)
+        files.append(os.path.relpath(path, output_dir))
+    result["files"] = files
+    return result
+
+
+def group_scores(
+    features: FeatureSet, scores: np.ndarray, thresholds: Dict[str, object]
+) -> Tuple[List[str], np.ndarray, np.ndarray, List[str]]:
+    """`aggregate_groups` of positive-class `scores` with the saved aggregation: (group ids, group labels, group
+    scores, mixed-label ids). A group with an unlabelled image (-1) has label -1 and is never mixed."""
+    labels = np.asarray(features.labels)
+    binary = (labels != 0).astype(np.int64)
+    ids, g_labels, g_scores, mixed = aggregate_groups(features.group_ids, binary, scores,
+                                                      thresholds["group_aggregation"], thresholds["image"]["threshold"])
+    unlabelled = {gid for gid, label in zip(features.group_ids, labels) if label < 0}
+    g_labels = np.array([-1 if gid in unlabelled else label for gid, label in zip(ids, g_labels)], dtype=np.int64)
+    return ids, g_labels, g_scores, [gid for gid in mixed if gid not in unlabelled]
+
+
+def write_predictions(
+    output_dir: str, stem: str, features: FeatureSet, probs: np.ndarray, thresholds: Dict[str, object]
+) -> List[str]:
+    """`predictions_<stem>.csv` (one row per image) and `predictions_<stem>_groups.csv` (one row per group) of class
+    probabilities `probs` (N, C) at the saved thresholds; unlabelled images and groups have label -1. Returns the
+    file names."""
+    image_t, group_t = thresholds["image"]["threshold"], thresholds["group"]["threshold"]
+    scores = positive_scores(probs) if len(probs) else np.zeros(0)
     header = ["img_path", "group_id", "label", "score", "prediction"]
     multiclass = len(features.class_names) > 2
     if multiclass:
@@ -131,27 +168,14 @@ def evaluate_split(
         rows.append(row + ([float(p) for p in probs[i]] if multiclass else []))
     image_csv = os.path.join(output_dir, f"predictions_{stem}.csv")
     _write_csv_atomic(image_csv, header, rows)
-    binary = (features.labels != 0).astype(np.int64)
-    ids, g_labels, g_scores, mixed = aggregate_groups(features.group_ids, binary, scores, aggregation, image_t)
-    sizes = {gid: 0 for gid in ids}
-    for gid in features.group_ids:
-        sizes[gid] += 1
+    ids, g_labels, g_scores, mixed = group_scores(features, scores, thresholds)
+    sizes = Counter(features.group_ids)
     mixed_ids = set(mixed)
     group_rows = [[gid, sizes[gid], int(g_labels[j]), float(g_scores[j]), int(g_scores[j] >= group_t),
                    int(gid in mixed_ids)] for j, gid in enumerate(ids)]
     group_csv = os.path.join(output_dir, f"predictions_{stem}_groups.csv")
     _write_csv_atomic(group_csv, ["group_id", "n_images", "label", "score", "prediction", "mixed_labels"], group_rows)
-    plots_dir = os.path.join(output_dir, "plots")
-    os.makedirs(plots_dir, exist_ok=True)
-    files = [os.path.basename(image_csv), os.path.basename(group_csv)]
-    group_names = ["negative group", "positive group"]
-    for level, labels, level_scores, names in (("image", features.labels, scores, features.class_names),
-                                               ("group", g_labels, g_scores, group_names)):
-        path = os.path.join(plots_dir, f"{stem}_{level}.png")
-        _plot_level(path, f"{probe} on {tag}: {level} level", labels, level_scores, result[level], names)
-        files.append(os.path.relpath(path, output_dir))
-    result["files"] = files
-    return result
+    return [os.path.basename(image_csv), os.path.basename(group_csv)]
 
 
 def results_header(args: argparse.Namespace, probe: str, train: FeatureSet, settings: Dict[str, object],

@@ -105,7 +105,8 @@ def setup_and_build_model(args: argparse.Namespace) -> Tuple[torch.nn.Module, to
 
 
 def add_qc_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options shared by the three probes: eval transform, feature cache, operating threshold and group metrics."""
+    """Options shared by the three probes: eval transform, operating threshold and group metrics, and those of
+    `add_inference_arguments`."""
     parser.add_argument("--resize-size", type=int, default=256, help="Eval transform: resize the short side to this")
     parser.add_argument("--crop-size", type=int, default=224, help="Eval transform: center crop size")
     parser.add_argument(
@@ -115,10 +116,6 @@ def add_qc_arguments(parser: argparse.ArgumentParser) -> None:
         help="Eval transform: decode JPEGs at the coarsest DCT scale (1/2, 1/4, 1/8) that keeps the short side at "
         "least this many times --resize-size (3-4x faster on 12 MP photos; features within rounding of a full "
         "decode); 0 decodes at full size, as upstream",
-    )
-    parser.add_argument("--num-workers", type=int, default=8, help="Data loader workers for feature extraction")
-    parser.add_argument(
-        "--features-dir", type=str, default=None, help="Feature cache directory (default: <output-dir>/features)"
     )
     parser.add_argument(
         "--threshold-policy",
@@ -131,6 +128,16 @@ def add_qc_arguments(parser: argparse.ArgumentParser) -> None:
         choices=GROUP_AGGREGATIONS,
         default="mean",
         help="How the image scores of one group (device) are combined: mean, max or majority vote",
+    )
+    add_inference_arguments(parser)
+
+
+def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of every command that scores images with the frozen backbone (the probes and `dinov2.eval.predict`):
+    extraction workers, feature cache, compile, weight cast, and the FPR of the recall_at_fpr metric."""
+    parser.add_argument("--num-workers", type=int, default=8, help="Data loader workers for feature extraction")
+    parser.add_argument(
+        "--features-dir", type=str, default=None, help="Feature cache directory (default: <output-dir>/features)"
     )
     parser.add_argument(
         "--fpr-target", type=float, default=0.01, help="False-positive rate for the recall_at_fpr metric"

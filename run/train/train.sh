@@ -101,3 +101,7 @@ run_probes random "$OUTPUT_DIR/eval/final/random"
 echo "== summary (teacher of $LAST_EVAL vs random initialisation)"
 "$PYTHON" -m dinov2.eval.summary \
     --eval-dir "$OUTPUT_DIR/eval/final/teacher" --baseline-dir "$OUTPUT_DIR/eval/final/random"
+echo "== to score new images with the teacher and its linear probe (README: Scoring new images):"
+echo "$PYTHON -m dinov2.eval.predict --config-file $EVAL_CONFIG --pretrained-weights $TEACHER" \
+    "--classifier $OUTPUT_DIR/eval/final/teacher/linear_classifier.pth --datasets BBU:root=<root>:annotation_file=<json>" \
+    "--output-dir <dir>"

@@ -15,7 +15,7 @@ import dinov2.distributed as distributed
 from dinov2.data import make_dataset
 from dinov2.data.transforms import make_classification_eval_transform
 from dinov2.eval import knn
-from dinov2.eval.features import FeatureSet, FeatureStore, split_tag
+from dinov2.eval.features import FeatureSet, FeatureStore, backbone_fingerprint, split_tag
 from dinov2.eval.setup import build_model_for_eval
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -166,3 +166,20 @@ def test_compiled_extraction_gives_the_same_features(tmp_path, teacher_run, samp
     with pytest.raises(ValueError, match="--compile 'turbo' is not a torch.compile backend"):
         knn.run_eval_knn(bad)
     assert not (tmp_path / "bad" / "features").exists()
+
+
+def test_backbone_fingerprint_follows_the_weights_not_the_file(tmp_path, eval_config, teacher_checkpoint):
+    """The same weights from another path and in the hub layout give the same fingerprint; any change does not."""
+    cfg = load_eval_config(eval_config)
+    model = build_model_for_eval(cfg, str(teacher_checkpoint))
+    state = torch.load(teacher_checkpoint, weights_only=True)["teacher"]
+    hub_file = tmp_path / "copied" / "backbone.pth"
+    hub_file.parent.mkdir()
+    torch.save({k[len("backbone."):]: v for k, v in state.items()}, hub_file)
+    assert backbone_fingerprint(build_model_for_eval(cfg, str(hub_file))) == backbone_fingerprint(model)
+    assert backbone_fingerprint(build_model_for_eval(cfg, "random")) != backbone_fingerprint(model)
+    fingerprint = backbone_fingerprint(model)
+    with torch.no_grad():
+        model.blocks[-1].mlp.fc2.bias[0] += 1e-6
+    assert backbone_fingerprint(model) != fingerprint
+    assert backbone_fingerprint(model.to(torch.bfloat16)) != backbone_fingerprint(model.float())

@@ -1,10 +1,11 @@
-"""dinov2.run.eval.{knn,linear,log_regression}: submitit launchers submit the named job, which runs the CLI."""
+"""dinov2.run.eval.{knn,linear,log_regression,predict}: submitit launchers submit the named job, which runs the CLI."""
 
 import importlib
 import json
 
 import pytest
 
+import dinov2.distributed as distributed
 from dinov2.data.sample_bbu import make_sample_bbu
 from dinov2.run import submit
 from dinov2.run.eval import launcher
@@ -62,3 +63,39 @@ def test_knn_job_runs_in_the_debug_executor(monkeypatch, tmp_path):
     assert jobs[0].result() == 0
     results = json.loads((tmp_path / f"job_{jobs[0].job_id}" / "results_eval_knn.json").read_text())
     assert results["random_init"] is True and results["settings"]["k"] == 2
+
+
+def test_predict_job_scores_with_the_saved_classifier(monkeypatch, tmp_path):
+    """dinov2.run.eval.predict submits dinov2:predict, which applies a linear probe's classifier inside the job."""
+    root = tmp_path / "bbu"
+    make_sample_bbu(str(root), groups=6, size=32, seed=0)
+    config = tmp_path / "c.yaml"
+    config.write_text(CONFIG)
+    from dinov2.eval import linear
+
+    probe_dir = tmp_path / "probe"
+    try:
+        linear.run_eval_linear(linear.get_args_parser().parse_args(
+            ["--config-file", str(config), "--pretrained-weights", "random", "--output-dir", str(probe_dir),
+             "--train-dataset", f"BBU:root={root}:split=TRAIN", "--val-dataset", f"BBU:root={root}:split=VAL",
+             "--resize-size", "32", "--crop-size", "32", "--num-workers", "0", "--epochs", "1", "--epoch-length", "2",
+             "--learning-rates", "0.1"]))
+    finally:
+        distributed.disable()
+    jobs = []
+
+    def submit_debug(task_class, args, name):
+        jobs.append((name, submit.submit_jobs(task_class, args, name, cluster="debug")))
+
+    monkeypatch.setattr(launcher, "submit_jobs", submit_debug)
+    from dinov2.run.eval import predict
+
+    test = f"BBU:root={root}:split=TEST"
+    assert predict.main(["--config-file", str(config), "--pretrained-weights", "random", "--output-dir",
+                         str(tmp_path / "job_%j"), "--classifier", str(probe_dir / "linear_classifier.pth"),
+                         "--datasets", test, "--num-workers", "0", "--ngpus", "1", "--nodes", "1"]) == 0
+    ((name, job),) = jobs
+    assert name == "dinov2:predict" and job.result() == 0
+    results = json.loads((tmp_path / f"job_{job.job_id}" / "predictions.json").read_text())
+    assert results["probe"] == "linear" and results["datasets"][test]["n_images"] == 6
+    assert results["eval_transform"] == {"resize_size": 32, "crop_size": 32, "draft_reducing_gap": 2.0}

@@ -1,0 +1,209 @@
+"""Score new images with a saved probe classifier: the production step after evaluation.
+
+    python -m dinov2.eval.predict --config-file C --pretrained-weights W \\
+        --classifier <probe output dir>/linear_classifier.pth --datasets BBU:root=R:annotation_file=A --output-dir D
+
+`--classifier` is the linear probe's `linear_classifier.pth` or the log-reg probe's `log_regression_classifier.json`
+(the k-NN probe keeps no classifier). Both carry the source of their training features (dinov2/eval/features.py):
+the images are extracted with the same eval transform, and a backbone whose state dict is not the one the classifier
+was trained on is refused, as its scores would mean nothing. Every image gets the positive-class score and the
+decision at the saved image threshold, every group (device) its aggregated score and the decision at the saved group
+threshold. Labels are optional (`gt_label` absent or -1); a dataset whose images are all labelled also gets the QC
+metrics and plots of the probes.
+
+Outputs in --output-dir, for probe P (linear or log_regression) and dataset tag S:
+    predictions_P_S.csv, predictions_P_S_groups.csv    as the probes write them; label -1 where unlabelled
+    plots/P_S_{image,group}.png                        labelled datasets only
+    predictions.json                                   classifier, backbone, thresholds; per dataset the numbers of
+                                                       images and groups decided positive (+ metrics if labelled)
+"""
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import pickle
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+
+import dinov2.distributed as distributed
+from dinov2.eval import linear, log_regression
+from dinov2.eval.features import FeatureSet, setup_feature_store
+from dinov2.eval.metrics import positive_scores
+from dinov2.eval.reports import evaluate_split, group_scores, write_json_atomic, write_predictions
+from dinov2.eval.setup import add_inference_arguments, get_args_parser as get_setup_args_parser
+from dinov2.eval.utils import run_on_main_process
+
+logger = logging.getLogger("dinov2")
+
+RESULTS_NAME = "predictions.json"
+_LOG_REGRESSION_KEYS = ("coef", "intercept", "classes", "class_names", "thresholds")
+
+
+@dataclasses.dataclass
+class SavedProbe:
+    """A probe classifier loaded from its file: `score` maps a split's features to (N, C) class probabilities."""
+
+    probe: str  # "linear" or "log_regression", as in the output file names
+    path: str
+    payload: Dict[str, object]
+    score: Callable[[FeatureSet], np.ndarray]
+
+    @property
+    def class_names(self) -> List[str]:
+        return list(self.payload["class_names"])
+
+    @property
+    def thresholds(self) -> Dict[str, object]:
+        return self.payload["thresholds"]
+
+    @property
+    def source(self) -> Dict[str, object]:
+        """What the training features were extracted with; raises if the file predates this record."""
+        source = self.payload.get("features")
+        if not source or "backbone_sha256" not in source or "eval_transform" not in source:
+            raise ValueError(f"--classifier {self.path} does not record the backbone and eval transform its training "
+                             "features came from (written by an older version): run the probe again to rewrite it")
+        return source
+
+
+def get_args_parser(
+    description: Optional[str] = None,
+    parents: Optional[List[argparse.ArgumentParser]] = None,
+    add_help: bool = True,
+) -> argparse.ArgumentParser:
+    parents = [*(parents or []), get_setup_args_parser(parents=None, add_help=False)]
+    parser = argparse.ArgumentParser(description=description, parents=parents, add_help=add_help)
+    parser.add_argument("--classifier", type=str, required=True,
+                        help="linear_classifier.pth or log_regression_classifier.json written by a probe")
+    parser.add_argument("--datasets", dest="dataset_strs", type=str, nargs="+", required=True,
+                        help="Datasets to score (labels optional), e.g. BBU:root=R:annotation_file=A")
+    parser.add_argument("--batch-size", type=int, default=256, help="Batch size of feature extraction")
+    add_inference_arguments(parser)
+    return parser
+
+
+def _load_log_regression(path: str) -> SavedProbe:
+    with open(path) as f:
+        try:
+            payload = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--classifier {path}: invalid JSON ({e})") from None
+    missing = [k for k in _LOG_REGRESSION_KEYS if k not in payload] if isinstance(payload, dict) else ["all"]
+    if missing:
+        raise ValueError(f"--classifier {path} is not a {log_regression.CLASSIFIER_NAME} written by the log-reg probe "
+                         f"(missing {missing}); the k-NN probe keeps no classifier to apply")
+    num_classes = len(payload["class_names"])
+    dtype = payload.get("settings", {}).get("train_dtype", "float64")
+
+    def score(features: FeatureSet) -> np.ndarray:
+        x = features.normalized_cls().numpy().astype(dtype)
+        return log_regression.log_regression_probabilities(payload, x, num_classes)
+
+    return SavedProbe("log_regression", path, payload, score)
+
+
+def _load_linear(path: str) -> SavedProbe:
+    try:
+        classifier, payload = linear.load_linear_classifier(path)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"--classifier {path} is not a {linear.CHECKPOINT_NAME} written by the linear probe "
+                         f"({type(e).__name__}: {e})") from None
+    return SavedProbe("linear", path, payload, lambda features: linear.predict(classifier, features))
+
+
+def load_probe_classifier(path: str) -> SavedProbe:
+    """The linear (.pth) or log-reg (.json) classifier at `path`, with its thresholds; raises naming the file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--classifier {path}: no such file")
+    return _load_log_regression(path) if path.endswith(".json") else _load_linear(path)
+
+
+def score_dataset(
+    output_dir: str, saved: SavedProbe, features: FeatureSet, tag: str, fpr_target: float
+) -> Dict[str, object]:
+    """Scores, decisions and (when every image is labelled) metrics of one dataset; writes its files."""
+    n_labelled = int((features.labels >= 0).sum())
+    labelled = len(features) > 0 and n_labelled == len(features)
+    if labelled and features.class_names != saved.class_names:
+        raise ValueError(f"{features.dataset_str} has classes {features.class_names} but the classifier "
+                         f"{saved.path} was trained on {saved.class_names}")
+    features = dataclasses.replace(features, class_names=saved.class_names)
+    probs = saved.score(features)
+    thresholds = saved.thresholds
+    if labelled:
+        entry = evaluate_split(output_dir, saved.probe, features, probs, thresholds, fpr_target, tag=tag)
+    else:
+        if n_labelled:
+            logger.warning(f"{features.dataset_str}: {n_labelled} of {len(features)} images are labelled; metrics "
+                           "need every image labelled, so only the predictions are written")
+        entry = {"files": write_predictions(output_dir, f"{saved.probe}_{tag}", features, probs, thresholds)}
+    scores = positive_scores(probs) if len(probs) else np.zeros(0)
+    group_ids, _, g_scores, _ = group_scores(features, scores, thresholds)
+    counts = {
+        "n_images": len(features),
+        "n_labelled": n_labelled,
+        "n_positive_images": int((scores >= thresholds["image"]["threshold"]).sum()),
+        "n_groups": len(group_ids),
+        "n_positive_groups": int((g_scores >= thresholds["group"]["threshold"]).sum()),
+    }
+    logger.info(f"{features.dataset_str}: {saved.probe} decides {counts['n_positive_images']} of {counts['n_images']} "
+                f"images and {counts['n_positive_groups']} of {counts['n_groups']} groups positive (not "
+                f"{saved.class_names[0]!r})")
+    if not len(features):
+        logger.warning(f"{features.dataset_str} is empty: nothing to score")
+    return {"tag": tag, **counts, **entry}
+
+
+def write_all_predictions(args: argparse.Namespace, saved: SavedProbe, splits: List[FeatureSet]) -> Dict[str, object]:
+    """Score every dataset and write `predictions.json` (main process)."""
+    results = {
+        "classifier": os.path.abspath(saved.path),
+        "probe": saved.probe,
+        "pretrained_weights": args.pretrained_weights,
+        "backbone_sha256": saved.source["backbone_sha256"],
+        "eval_transform": saved.source["eval_transform"],
+        "class_names": saved.class_names,
+        "thresholds": saved.thresholds,
+        "fpr_target": args.fpr_target,
+        "datasets": {},
+    }
+    tags = set()
+    for split in splits:
+        tag = split.tag if split.tag not in tags else f"{split.tag}_{len(tags)}"
+        tags.add(tag)
+        results["datasets"][split.dataset_str] = score_dataset(args.output_dir, saved, split, tag, args.fpr_target)
+    write_json_atomic(os.path.join(args.output_dir, RESULTS_NAME), results)
+    return results
+
+
+def run_predict(args: argparse.Namespace) -> Optional[Dict[str, object]]:
+    """Load the classifier, extract the datasets' features as its training features were, refuse another backbone,
+    score and write on the main process. Returns the results there, None on the other ranks."""
+    saved = load_probe_classifier(args.classifier)
+    source = saved.source
+    for key in ("resize_size", "crop_size", "draft_reducing_gap"):
+        setattr(args, key, source["eval_transform"][key])
+    args.threshold_policy = saved.thresholds["policy"]
+    args.group_aggregation = saved.thresholds["group_aggregation"]
+    store = setup_feature_store(args)
+    if store.source["backbone_sha256"] != source["backbone_sha256"]:
+        raise ValueError(
+            f"--pretrained-weights {args.pretrained_weights} (state dict SHA-256 {store.source['backbone_sha256']}) "
+            f"is not the backbone the classifier {args.classifier} was trained on ({source['pretrained_weights']}, "
+            f"SHA-256 {source['backbone_sha256']})"
+        )
+    splits = [store.get(dataset_str) for dataset_str in args.dataset_strs]
+    return run_on_main_process(write_all_predictions, args, saved, splits)
+
+
+def main(args: argparse.Namespace) -> int:
+    run_predict(args)
+    distributed.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    distributed.exit_now(main(get_args_parser(description="Score images with a saved DINOv2 probe").parse_args()))

@@ -1,0 +1,154 @@
+"""dinov2.eval.predict: saved probe classifiers applied to new (unlabelled) images, the same scores as the probes,
+refusal of another backbone and of files that are not probe classifiers."""
+
+import csv
+import json
+
+import pytest
+import torch
+from eval_helpers import dataset_str, load_eval_config, read_results
+
+import dinov2.distributed as distributed
+from dinov2.eval import predict
+from dinov2.eval.features import backbone_fingerprint
+from dinov2.eval.setup import build_model_for_eval
+
+CLASSIFIER_FILES = {"linear": "linear_classifier.pth", "log_regression": "log_regression_classifier.json"}
+
+
+def predict_args(config, weights, classifier, output_dir, *datasets: str):
+    argv = ["--config-file", str(config), "--pretrained-weights", str(weights), "--output-dir", str(output_dir),
+            "--classifier", str(classifier), "--datasets", *datasets, "--num-workers", "0", "--batch-size", "4"]
+    return predict.get_args_parser().parse_args(argv)
+
+
+def run_predict(*args):
+    try:
+        return predict.run_predict(predict_args(*args))
+    finally:
+        distributed.disable()
+
+
+def read_csv(path) -> list:
+    with open(path) as f:
+        return list(csv.reader(f))
+
+
+def write_annotations(sample_root, name: str, keep_labels: int) -> str:
+    """The TEST split's annotations with `gt_label` removed from all but the first `keep_labels` entries."""
+    content = json.loads((sample_root / "annotations" / "test.json").read_text())
+    for entry in content["data_list"][keep_labels:]:
+        del entry["gt_label"]
+    (sample_root / "annotations" / name).write_text(json.dumps(content))
+    return dataset_str(sample_root, "TEST", name)
+
+
+@pytest.mark.parametrize("probe", ["linear", "log_regression"])
+def test_predictions_equal_the_probes_on_their_test_split(probe, tmp_path, teacher_run, sample_root, eval_config,
+                                                          teacher_checkpoint):
+    """A fresh extraction (own output directory, no shared cache) reproduces the probe's scores, decisions, group
+    table and metrics exactly."""
+    teacher_dir, _ = teacher_run
+    test = dataset_str(sample_root, "TEST")
+    results = run_predict(eval_config, teacher_checkpoint, teacher_dir / CLASSIFIER_FILES[probe], tmp_path, test)
+    for suffix in ("", "_groups"):
+        name = f"predictions_{probe}_test{suffix}.csv"
+        assert read_csv(tmp_path / name) == read_csv(teacher_dir / name)
+    entry, expected = results["datasets"][test], read_results(teacher_dir, probe)["datasets"][test]
+    assert entry["image"] == expected["image"] and entry["group"] == expected["group"]
+    assert sorted(entry["files"]) == sorted(expected["files"])
+    rows = read_csv(tmp_path / f"predictions_{probe}_test.csv")[1:]
+    group_rows = read_csv(tmp_path / f"predictions_{probe}_test_groups.csv")[1:]
+    assert (entry["n_images"], entry["n_labelled"], entry["n_groups"]) == (6, 6, 2)
+    assert entry["n_positive_images"] == sum(int(r[4]) for r in rows)
+    assert entry["n_positive_groups"] == sum(int(r[4]) for r in group_rows)
+    assert results["probe"] == probe and results["thresholds"] == read_results(teacher_dir, probe)["thresholds"]
+    model = build_model_for_eval(load_eval_config(eval_config), str(teacher_checkpoint))
+    assert results["backbone_sha256"] == backbone_fingerprint(model)
+    assert json.loads((tmp_path / "predictions.json").read_text()) == results
+
+
+def test_unlabelled_and_partly_labelled_datasets_get_predictions_only(tmp_path, teacher_run, sample_root,
+                                                                      eval_config, teacher_checkpoint):
+    teacher_dir, _ = teacher_run
+    unlabelled = write_annotations(sample_root, "predict_unlabelled.json", keep_labels=0)
+    partly = write_annotations(sample_root, "predict_partly.json", keep_labels=2)
+    results = run_predict(eval_config, teacher_checkpoint, teacher_dir / "linear_classifier.pth", tmp_path,
+                          unlabelled, partly)
+    labelled_rows = read_csv(teacher_dir / "predictions_linear_test.csv")
+    labelled_groups = read_csv(teacher_dir / "predictions_linear_test_groups.csv")
+    for dataset, tag, n_labelled in ((unlabelled, "predict_unlabelled", 0), (partly, "predict_partly", 2)):
+        entry = results["datasets"][dataset]
+        assert "image" not in entry and "group" not in entry and entry["n_labelled"] == n_labelled
+        assert entry["files"] == [f"predictions_linear_{tag}.csv", f"predictions_linear_{tag}_groups.csv"]
+        rows = read_csv(tmp_path / f"predictions_linear_{tag}.csv")
+        assert rows[0] == labelled_rows[0]
+        for row, reference in zip(rows[1:], labelled_rows[1:]):
+            assert row[:2] + row[3:] == reference[:2] + reference[3:]  # same path, group, score, decision
+        assert [r[2] for r in rows[1:]] == [labelled_rows[i][2] for i in range(1, n_labelled + 1)] + ["-1"] * (
+            6 - n_labelled)
+        groups = read_csv(tmp_path / f"predictions_linear_{tag}_groups.csv")
+        assert [g[:2] + g[3:5] for g in groups[1:]] == [g[:2] + g[3:5] for g in labelled_groups[1:]]
+        assert [g[2] for g in groups[1:]] == ["-1", "-1"] and [g[5] for g in groups[1:]] == ["0", "0"]
+        assert entry["n_positive_images"] == sum(int(r[4]) for r in rows[1:])
+    assert not (tmp_path / "plots").exists()
+
+
+def test_another_backbone_is_refused_before_anything_is_written(tmp_path, teacher_run, sample_root, eval_config):
+    teacher_dir, _ = teacher_run
+    classifier = teacher_dir / "linear_classifier.pth"
+    with pytest.raises(ValueError, match=r"--pretrained-weights random .* is not the backbone the classifier "
+                                         rf"{classifier} was trained on \(.*teacher_checkpoint.pth, SHA-256"):
+        run_predict(eval_config, "random", classifier, tmp_path, dataset_str(sample_root, "TEST"))
+    assert not list(tmp_path.glob("predictions*"))
+
+
+def test_labels_with_other_classes_are_refused(tmp_path, teacher_run, sample_root, eval_config, teacher_checkpoint):
+    teacher_dir, _ = teacher_run
+    three = dataset_str(sample_root, "VAL", "val_3class.json")
+    expected = (r"val_3class.json has classes \['ok', 'missing_module', 'alarm'\] but the classifier "
+                r".*linear_classifier.pth was trained on \['negative', 'positive'\]")
+    with pytest.raises(ValueError, match=expected):
+        run_predict(eval_config, teacher_checkpoint, teacher_dir / "linear_classifier.pth", tmp_path, three)
+
+
+def test_files_that_are_not_probe_classifiers_are_named(tmp_path, teacher_run, teacher_checkpoint):
+    teacher_dir, _ = teacher_run
+    with pytest.raises(FileNotFoundError, match="--classifier .*nope.pth: no such file"):
+        predict.load_probe_classifier(str(tmp_path / "nope.pth"))
+    with pytest.raises(ValueError, match=r"results_eval_knn.json is not a log_regression_classifier.json .*missing "
+                                         r"\['coef', 'intercept', 'classes'\]\); the k-NN probe keeps no classifier"):
+        predict.load_probe_classifier(str(teacher_dir / "results_eval_knn.json"))
+    with pytest.raises(ValueError, match=r"teacher_checkpoint.pth is not a linear_classifier.pth .*KeyError"):
+        predict.load_probe_classifier(str(teacher_checkpoint))
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="garbage.pth is not a linear_classifier.pth written by the linear probe"):
+        predict.load_probe_classifier(str(garbage))
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"coef": [1')
+    with pytest.raises(ValueError, match="--classifier .*broken.json: invalid JSON"):
+        predict.load_probe_classifier(str(broken))
+    old = json.loads((teacher_dir / "log_regression_classifier.json").read_text())
+    del old["features"]
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    saved = predict.load_probe_classifier(str(tmp_path / "old.json"))
+    with pytest.raises(ValueError, match="old.json does not record the backbone and eval transform"):
+        saved.source
+
+
+def test_saved_classifiers_record_their_features_source(teacher_run, eval_config, teacher_checkpoint):
+    """The fixture's probes ran with --resize-size 64 --crop-size 64 on the teacher checkpoint."""
+    teacher_dir, _ = teacher_run
+    linear_source = predict.load_probe_classifier(str(teacher_dir / "linear_classifier.pth")).source
+    log_reg_source = predict.load_probe_classifier(str(teacher_dir / "log_regression_classifier.json")).source
+    assert linear_source == log_reg_source
+    assert list(linear_source) == ["backbone_sha256", "pretrained_weights", "model", "eval_transform"]
+    assert linear_source["eval_transform"] == {"resize_size": 64, "crop_size": 64, "draft_reducing_gap": 2.0}
+    assert linear_source["pretrained_weights"] == str(teacher_checkpoint)
+    assert linear_source["model"]["arch"] == "vit_tiny" and linear_source["model"]["patch_size"] == 16
+    model = build_model_for_eval(load_eval_config(eval_config), str(teacher_checkpoint))
+    assert linear_source["backbone_sha256"] == backbone_fingerprint(model)
+    with torch.no_grad():
+        model.cls_token.add_(1e-3)
+    assert backbone_fingerprint(model) != linear_source["backbone_sha256"]
