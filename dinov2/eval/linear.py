@@ -24,7 +24,7 @@ from torch import nn
 import dinov2.distributed as distributed
 from dinov2.eval.features import FeatureSet, setup_feature_store
 from dinov2.eval.metrics import SELECTION_METRICS, selection_score
-from dinov2.eval.reports import evaluate_split, results_header, write_results
+from dinov2.eval.reports import evaluate_split, results_header, unique_tag, write_results
 from dinov2.eval.setup import add_qc_arguments, get_probe_args_parser
 from dinov2.eval.thresholds import choose_thresholds
 from dinov2.eval.utils import run_on_main_process
@@ -219,8 +219,7 @@ def eval_linear(args: argparse.Namespace, train: FeatureSet, val: FeatureSet, te
     results["best_classifier"] = {"name": best_name, "accuracy": val_top1}
     tags = set()
     for test in tests:
-        tag = test.tag if test.tag not in tags else f"{test.tag}_{len(tags)}"
-        tags.add(tag)
+        tag = unique_tag(test.tag, tags)
         entry = evaluate_split(args.output_dir, "linear", test, predict(best, test), thresholds, args.fpr_target,
                                tag=tag)
         results["datasets"][test.dataset_str] = {"tag": tag, "settings": settings, **entry}

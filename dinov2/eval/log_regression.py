@@ -24,7 +24,7 @@ from sklearn.linear_model import LogisticRegression
 import dinov2.distributed as distributed
 from dinov2.eval.features import FeatureSet, setup_feature_store
 from dinov2.eval.metrics import SELECTION_METRICS, selection_score
-from dinov2.eval.reports import evaluate_split, results_header, write_json_atomic, write_results
+from dinov2.eval.reports import evaluate_split, results_header, unique_tag, write_json_atomic, write_results
 from dinov2.eval.setup import add_qc_arguments, get_probe_args_parser
 from dinov2.eval.thresholds import choose_thresholds
 from dinov2.eval.utils import run_on_main_process
@@ -193,8 +193,7 @@ def eval_log_regression(
     for split in (val, *tests):
         if split.dataset_str in results["datasets"]:
             continue
-        tag = split.tag if split.tag not in tags else f"{split.tag}_{len(tags)}"
-        tags.add(tag)
+        tag = unique_tag(split.tag, tags)
         probs = log_regression_probabilities(params, _features(split, args.train_dtype), num_classes)
         entry = evaluate_split(args.output_dir, "log_regression", split, probs, thresholds, args.fpr_target, tag=tag)
         results["datasets"][split.dataset_str] = {"tag": tag, "settings": {"C": best_c}, **entry}

@@ -32,7 +32,7 @@ import dinov2.distributed as distributed
 from dinov2.eval import linear, log_regression
 from dinov2.eval.features import FeatureSet, setup_feature_store
 from dinov2.eval.metrics import positive_scores
-from dinov2.eval.reports import evaluate_split, group_scores, write_json_atomic, write_predictions
+from dinov2.eval.reports import evaluate_split, group_scores, unique_tag, write_json_atomic, write_predictions
 from dinov2.eval.setup import add_inference_arguments, get_args_parser as get_setup_args_parser
 from dinov2.eval.utils import run_on_main_process
 
@@ -172,8 +172,7 @@ def write_all_predictions(args: argparse.Namespace, saved: SavedProbe, splits: L
     }
     tags = set()
     for split in splits:
-        tag = split.tag if split.tag not in tags else f"{split.tag}_{len(tags)}"
-        tags.add(tag)
+        tag = unique_tag(split.tag, tags)
         results["datasets"][split.dataset_str] = score_dataset(args.output_dir, saved, split, tag, args.fpr_target)
     write_json_atomic(os.path.join(args.output_dir, RESULTS_NAME), results)
     return results
@@ -195,7 +194,7 @@ def run_predict(args: argparse.Namespace) -> Optional[Dict[str, object]]:
             f"is not the backbone the classifier {args.classifier} was trained on ({source['pretrained_weights']}, "
             f"SHA-256 {source['backbone_sha256']})"
         )
-    splits = [store.get(dataset_str) for dataset_str in args.dataset_strs]
+    splits = [store.get(dataset_str) for dataset_str in dict.fromkeys(args.dataset_strs)]  # each dataset once
     return run_on_main_process(write_all_predictions, args, saved, splits)
 
 

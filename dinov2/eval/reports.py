@@ -178,6 +178,13 @@ def write_predictions(
     return [os.path.basename(image_csv), os.path.basename(group_csv)]
 
 
+def unique_tag(tag: str, used: set) -> str:
+    """`tag`, or `tag_<n>` when another dataset of the same run already writes files under it; records it in `used`."""
+    unique = tag if tag not in used else f"{tag}_{len(used)}"
+    used.add(unique)
+    return unique
+
+
 def results_header(args: argparse.Namespace, probe: str, train: FeatureSet, settings: Dict[str, object],
                    thresholds: Dict[str, object]) -> Dict[str, object]:
     """The fields every `results_eval_<probe>.json` starts with; `datasets` is filled by the probe."""

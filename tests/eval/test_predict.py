@@ -50,7 +50,8 @@ def test_predictions_equal_the_probes_on_their_test_split(probe, tmp_path, teach
     table and metrics exactly."""
     teacher_dir, _ = teacher_run
     test = dataset_str(sample_root, "TEST")
-    results = run_predict(eval_config, teacher_checkpoint, teacher_dir / CLASSIFIER_FILES[probe], tmp_path, test)
+    results = run_predict(eval_config, teacher_checkpoint, teacher_dir / CLASSIFIER_FILES[probe], tmp_path, test, test)
+    assert list(results["datasets"]) == [test]  # given twice, scored once
     for suffix in ("", "_groups"):
         name = f"predictions_{probe}_test{suffix}.csv"
         assert read_csv(tmp_path / name) == read_csv(teacher_dir / name)
