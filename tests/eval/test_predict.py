@@ -74,8 +74,13 @@ def test_unlabelled_and_partly_labelled_datasets_get_predictions_only(tmp_path, 
     teacher_dir, _ = teacher_run
     unlabelled = write_annotations(sample_root, "predict_unlabelled.json", keep_labels=0)
     partly = write_annotations(sample_root, "predict_partly.json", keep_labels=2)
+    empty = dataset_str(sample_root, "TEST", "empty.json")
     results = run_predict(eval_config, teacher_checkpoint, teacher_dir / "linear_classifier.pth", tmp_path,
-                          unlabelled, partly)
+                          unlabelled, partly, empty)
+    assert {k: v for k, v in results["datasets"][empty].items() if k.startswith("n_")} == {
+        "n_images": 0, "n_labelled": 0, "n_positive_images": 0, "n_groups": 0, "n_positive_groups": 0}
+    assert read_csv(tmp_path / "predictions_linear_empty_groups.csv") == [
+        ["group_id", "n_images", "label", "score", "prediction", "mixed_labels"]]
     labelled_rows = read_csv(teacher_dir / "predictions_linear_test.csv")
     labelled_groups = read_csv(teacher_dir / "predictions_linear_test_groups.csv")
     for dataset, tag, n_labelled in ((unlabelled, "predict_unlabelled", 0), (partly, "predict_partly", 2)):
