@@ -14,7 +14,7 @@ def _is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def _images_under(folder: str) -> List[str]:
+def images_under(folder: str) -> List[str]:
     """Image files below `folder` (recursively), as sorted paths relative to `folder`."""
     found = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
@@ -48,7 +48,7 @@ class ImageFolder(ImageListDataset):
             raise FileNotFoundError(f"ImageFolder root is not a folder: {self.root}")
         entries = sorted(os.scandir(self.root), key=lambda e: e.name)
         top_images = [e.name for e in entries if e.is_file() and _is_image(e.name)]
-        class_dirs = [e.name for e in entries if e.is_dir() and _images_under(e.path)]
+        class_dirs = [e.name for e in entries if e.is_dir() and images_under(e.path)]
         if top_images and class_dirs:
             raise ValueError(
                 f"ImageFolder {self.root}: has both images at the top level ({top_images[0]}, ...) and class "
@@ -61,7 +61,7 @@ class ImageFolder(ImageListDataset):
             class_names = class_dirs
             relpaths, labels = [], []
             for class_index, class_dir in enumerate(class_dirs):
-                images = _images_under(os.path.join(self.root, class_dir))
+                images = images_under(os.path.join(self.root, class_dir))
                 relpaths.extend(os.path.join(class_dir, image) for image in images)
                 labels.extend([class_index] * len(images))
         if not relpaths:
