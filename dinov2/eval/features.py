@@ -180,9 +180,11 @@ class FeatureStore:
         batch_size: int,
         num_workers: int,
         source: Optional[Dict[str, object]] = None,
+        stat_images: bool = False,
     ):
         self.model = model
         self.source = source or {}
+        self.stat_images = stat_images
         self.n_blocks = min(MAX_BLOCKS, int(model.n_blocks))
         self.embed_dim = int(model.embed_dim)
         parameter = next(model.parameters())
@@ -206,9 +208,15 @@ class FeatureStore:
 
     def cache_fields(self, dataset_str: str, dataset: Dataset) -> Dict[str, object]:
         """Everything the features of `dataset` depend on, incl. a digest of its image list and labels (so an edited
-        annotation file gets new features; images overwritten under the same names are not detected)."""
+        annotation file gets new features). With `stat_images` the digest of a dataset of image files (BBU,
+        ImageFolder, ImageNet; not tarball members) also covers each file's size and modification time, so that
+        images overwritten under the same names are extracted again (one `stat` per image: `dinov2.eval.predict` uses
+        it; the probes do not)."""
         targets = dataset.get_targets() if hasattr(dataset, "get_targets") else None
-        content = json.dumps([_img_paths(dataset), None if targets is None else np.asarray(targets).tolist()])
+        listing = [_img_paths(dataset), None if targets is None else np.asarray(targets).tolist()]
+        if self.stat_images and hasattr(dataset, "get_image_relpath"):
+            listing.append([_file_stamp(dataset.get_image_path(i)) for i in range(len(dataset))])
+        content = json.dumps(listing)
         return {**self.base_fields, "dataset": dataset_str, "content": hashlib.sha256(content.encode()).hexdigest()}
 
     def cache_path(self, dataset_str: str, fields: Dict[str, object]) -> str:
@@ -264,10 +272,11 @@ class FeatureStore:
         )
 
 
-def setup_feature_store(args: argparse.Namespace) -> FeatureStore:
+def setup_feature_store(args: argparse.Namespace, stat_images: bool = False) -> FeatureStore:
     """Start of every probe CLI: check the QC options, set up the run and the backbone (`setup_eval_model`, cast
     with `--cast-weights`, blocks compiled with `--compile`), and return its feature store (eval transform from
-    `--resize-size/--crop-size/--draft-reducing-gap`, cache in `--features-dir`)."""
+    `--resize-size/--crop-size/--draft-reducing-gap`, cache in `--features-dir`, see `FeatureStore.cache_fields` for
+    `stat_images`)."""
     check_qc_arguments(args)
     model, autocast_dtype, config = setup_eval_model(args)
     source = {
@@ -286,7 +295,16 @@ def setup_feature_store(args: argparse.Namespace) -> FeatureStore:
     )
     cache_dir = args.features_dir or os.path.join(args.output_dir, "features")
     return FeatureStore(model, autocast_dtype, config, args.pretrained_weights, transform, cache_dir, args.batch_size,
-                        args.num_workers, source)
+                        args.num_workers, source, stat_images)
+
+
+def _file_stamp(path: str) -> List[int]:
+    """[size, mtime_ns] of an image file; raises naming it when it is missing."""
+    try:
+        stat = os.stat(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image not found: {path}") from None
+    return [stat.st_size, stat.st_mtime_ns]
 
 
 def _group_ids(dataset, dataset_str: str) -> List[str]:

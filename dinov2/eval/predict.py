@@ -187,7 +187,7 @@ def run_predict(args: argparse.Namespace) -> Optional[Dict[str, object]]:
         setattr(args, key, source["eval_transform"][key])
     args.threshold_policy = saved.thresholds["policy"]
     args.group_aggregation = saved.thresholds["group_aggregation"]
-    store = setup_feature_store(args)
+    store = setup_feature_store(args, stat_images=True)  # re-shot images under old names are extracted again
     if store.source["backbone_sha256"] != source["backbone_sha256"]:
         raise ValueError(
             f"--pretrained-weights {args.pretrained_weights} (state dict SHA-256 {store.source['backbone_sha256']}) "

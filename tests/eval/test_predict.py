@@ -3,14 +3,18 @@ refusal of another backbone and of files that are not probe classifiers."""
 
 import csv
 import json
+import os
+import shutil
 
 import pytest
 import torch
 from eval_helpers import dataset_str, load_eval_config, read_results
 
 import dinov2.distributed as distributed
+from PIL import Image, ImageOps
+
 from dinov2.eval import predict
-from dinov2.eval.features import backbone_fingerprint
+from dinov2.eval.features import EXTRACTION_COUNTS, backbone_fingerprint
 from dinov2.eval.setup import build_model_for_eval
 
 CLASSIFIER_FILES = {"linear": "linear_classifier.pth", "log_regression": "log_regression_classifier.json"}
@@ -158,3 +162,32 @@ def test_saved_classifiers_record_their_features_source(teacher_run, eval_config
     with torch.no_grad():
         model.cls_token.add_(1e-3)
     assert backbone_fingerprint(model) != linear_source["backbone_sha256"]
+
+
+def test_images_overwritten_under_their_names_are_extracted_again(tmp_path, teacher_run, sample_root, eval_config,
+                                                                  teacher_checkpoint):
+    """The feature cache of predict covers each image's size and mtime: a re-shot photo is not scored from stale
+    features, an unchanged dataset is not extracted twice, and a missing photo is named."""
+    teacher_dir, _ = teacher_run
+    root = tmp_path / "line"
+    shutil.copytree(sample_root / "test", root / "test")
+    (root / "annotations").mkdir()
+    shutil.copy(sample_root / "annotations" / "test.json", root / "annotations" / "test.json")
+    test = dataset_str(root, "TEST")
+    classifier = teacher_dir / "linear_classifier.pth"
+    EXTRACTION_COUNTS.clear()
+    first = run_predict(eval_config, teacher_checkpoint, classifier, tmp_path / "out", test)
+    again = run_predict(eval_config, teacher_checkpoint, classifier, tmp_path / "out", test)
+    assert EXTRACTION_COUNTS[test] == 1 and again["datasets"] == first["datasets"]
+    before = read_csv(tmp_path / "out" / "predictions_linear_test.csv")
+    reshot = root / before[1][0]
+    stat = os.stat(reshot)
+    ImageOps.mirror(Image.open(reshot)).save(reshot)
+    os.utime(reshot, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    run_predict(eval_config, teacher_checkpoint, classifier, tmp_path / "out", test)
+    assert EXTRACTION_COUNTS[test] == 2
+    after = read_csv(tmp_path / "out" / "predictions_linear_test.csv")
+    assert after[1][3] != before[1][3] and after[2:] == before[2:]
+    reshot.unlink()
+    with pytest.raises(FileNotFoundError, match=f"image not found: {reshot}"):
+        run_predict(eval_config, teacher_checkpoint, classifier, tmp_path / "out", test)
