@@ -7,6 +7,9 @@ training set is clipped, with a warning).
 The k reported as `settings.k` and the operating thresholds are chosen WITHOUT looking at the evaluated split: on
 leave-group-out k-NN scores of the training set (each training image voted on by the training images of the other
 groups, so the other photos of the same device cannot leak its label).
+
+`knn_classifier.pth` keeps what scoring new images takes (`dinov2.eval.predict`): the training features and labels
+(N x D float32), k, the temperature, the thresholds and the features' source.
 """
 
 import argparse
@@ -25,10 +28,12 @@ from dinov2.eval.reports import evaluate_split, results_header, write_json_atomi
 from dinov2.eval.setup import add_qc_arguments, get_probe_args_parser
 from dinov2.eval.thresholds import choose_thresholds
 from dinov2.eval.utils import run_on_main_process
+from dinov2.utils.utils import atomic_write
 
 logger = logging.getLogger("dinov2")
 
 QUERY_CHUNK = 1024
+CLASSIFIER_NAME = "knn_classifier.pth"
 
 
 def get_args_parser(
@@ -125,6 +130,10 @@ def eval_knn(args: argparse.Namespace, train: FeatureSet, val: FeatureSet) -> Di
         {**settings, "train_dataset": train.dataset_str, "thresholds": thresholds[best_k],
          "thresholds_per_k": {str(k): t for k, t in thresholds.items()}},
     )
+    classifier = {"train_features": train_x, "train_labels": train_y, "k": best_k, "temperature": args.temperature,
+                  "class_names": train.class_names, "thresholds": thresholds[best_k], "train_dataset": train.dataset_str,
+                  "features": train.source}
+    atomic_write(os.path.join(args.output_dir, CLASSIFIER_NAME), lambda f: torch.save(classifier, f))
     results = results_header(args, "knn", train, settings, thresholds[best_k])
     val_x = val.normalized_cls()
     val_probs = knn_class_probabilities(train_x, train_y, val_x, ks, args.temperature, num_classes)

@@ -179,10 +179,15 @@ def save_linear_classifier(path: str, classifier: LinearClassifier, metadata: Di
 def load_linear_classifier(path: str) -> Tuple[LinearClassifier, Dict[str, object]]:
     """Inverse of `save_linear_classifier`: (classifier, the whole saved payload incl. thresholds)."""
     payload = torch.load(path, map_location="cpu", weights_only=True)
+    return linear_classifier_from_payload(payload), payload
+
+
+def linear_classifier_from_payload(payload: Dict[str, object]) -> LinearClassifier:
+    """The classifier of a loaded `linear_classifier.pth`, in eval mode."""
     classifier = LinearClassifier(payload["out_dim"], payload["use_n_blocks"], payload["use_avgpool"],
                                   payload["num_classes"])
     classifier.load_state_dict(payload["state_dict"])
-    return classifier.eval(), payload
+    return classifier.eval()
 
 
 def eval_linear(args: argparse.Namespace, train: FeatureSet, val: FeatureSet, tests: List[FeatureSet]) -> Dict:

@@ -3,15 +3,15 @@
     python -m dinov2.eval.predict --config-file C --pretrained-weights W \\
         --classifier <probe output dir>/linear_classifier.pth --datasets BBU:root=R:annotation_file=A --output-dir D
 
-`--classifier` is the linear probe's `linear_classifier.pth` or the log-reg probe's `log_regression_classifier.json`
-(the k-NN probe keeps no classifier). Both carry the source of their training features (dinov2/eval/features.py):
-the images are extracted with the same eval transform, and a backbone whose state dict is not the one the classifier
-was trained on is refused, as its scores would mean nothing. Every image gets the positive-class score and the
-decision at the saved image threshold, every group (device) its aggregated score and the decision at the saved group
-threshold. Labels are optional (`gt_label` absent or -1); a dataset whose images are all labelled also gets the QC
-metrics and plots of the probes.
+`--classifier` is the k-NN probe's `knn_classifier.pth` (its training features, k, temperature), the linear probe's
+`linear_classifier.pth` or the log-reg probe's `log_regression_classifier.json`. Each carries the source of its
+training features (dinov2/eval/features.py): the images are extracted with the same eval transform, and a backbone
+whose state dict is not the one the classifier was trained on is refused, as its scores would mean nothing. Every
+image gets the positive-class score and the decision at the saved image threshold, every group (device) its aggregated
+score and the decision at the saved group threshold. Labels are optional (`gt_label` absent or -1); a dataset whose
+images are all labelled also gets the QC metrics and plots of the probes.
 
-Outputs in --output-dir, for probe P (linear or log_regression) and dataset tag S:
+Outputs in --output-dir, for probe P (knn, linear or log_regression) and dataset tag S:
     predictions_P_S.csv, predictions_P_S_groups.csv    as the probes write them; label -1 where unlabelled
     plots/P_S_{image,group}.png                        labelled datasets only
     predictions.json                                   classifier, backbone, thresholds; per dataset the numbers of
@@ -27,9 +27,10 @@ import pickle
 from typing import Callable, Dict, List, Optional
 
 import numpy as np
+import torch
 
 import dinov2.distributed as distributed
-from dinov2.eval import linear, log_regression
+from dinov2.eval import knn, linear, log_regression
 from dinov2.eval.features import FeatureSet, setup_feature_store
 from dinov2.eval.metrics import positive_scores
 from dinov2.eval.reports import evaluate_split, group_scores, unique_tag, write_json_atomic, write_predictions
@@ -46,7 +47,7 @@ _LOG_REGRESSION_KEYS = ("coef", "intercept", "classes", "class_names", "threshol
 class SavedProbe:
     """A probe classifier loaded from its file: `score` maps a split's features to (N, C) class probabilities."""
 
-    probe: str  # "linear" or "log_regression", as in the output file names
+    probe: str  # "knn", "linear" or "log_regression", as in the output file names
     path: str
     payload: Dict[str, object]
     score: Callable[[FeatureSet], np.ndarray]
@@ -77,7 +78,8 @@ def get_args_parser(
     parents = [*(parents or []), get_setup_args_parser(parents=None, add_help=False)]
     parser = argparse.ArgumentParser(description=description, parents=parents, add_help=add_help)
     parser.add_argument("--classifier", type=str, required=True,
-                        help="linear_classifier.pth or log_regression_classifier.json written by a probe")
+                        help="knn_classifier.pth, linear_classifier.pth or log_regression_classifier.json written by "
+                        "a probe")
     parser.add_argument("--datasets", dest="dataset_strs", type=str, nargs="+", required=True,
                         help="Datasets to score (labels optional), e.g. BBU:root=R:annotation_file=A")
     parser.add_argument("--batch-size", type=int, default=256, help="Batch size of feature extraction")
@@ -94,7 +96,7 @@ def _load_log_regression(path: str) -> SavedProbe:
     missing = [k for k in _LOG_REGRESSION_KEYS if k not in payload] if isinstance(payload, dict) else ["all"]
     if missing:
         raise ValueError(f"--classifier {path} is not a {log_regression.CLASSIFIER_NAME} written by the log-reg probe "
-                         f"(missing {missing}); the k-NN probe keeps no classifier to apply")
+                         f"(missing {missing})")
     num_classes = len(payload["class_names"])
     dtype = payload.get("settings", {}).get("train_dtype", "float64")
 
@@ -105,20 +107,36 @@ def _load_log_regression(path: str) -> SavedProbe:
     return SavedProbe("log_regression", path, payload, score)
 
 
-def _load_linear(path: str) -> SavedProbe:
+def _knn_probe(path: str, payload: Dict[str, object]) -> SavedProbe:
+    train_x, train_y = payload["train_features"], payload["train_labels"]
+    k, temperature, num_classes = int(payload["k"]), float(payload["temperature"]), len(payload["class_names"])
+
+    def score(features: FeatureSet) -> np.ndarray:
+        query = features.normalized_cls()
+        return knn.knn_class_probabilities(train_x, train_y, query, [k], temperature, num_classes)[k]
+
+    return SavedProbe("knn", path, payload, score)
+
+
+def _load_torch_classifier(path: str) -> SavedProbe:
+    """A k-NN or linear classifier: told apart by their keys."""
+    expected = f"{knn.CLASSIFIER_NAME} or {linear.CHECKPOINT_NAME} written by a probe"
     try:
-        classifier, payload = linear.load_linear_classifier(path)
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(payload, dict) and "train_features" in payload:
+            return _knn_probe(path, payload)
+        classifier = linear.linear_classifier_from_payload(payload)
     except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, TypeError, AttributeError) as e:
-        raise ValueError(f"--classifier {path} is not a {linear.CHECKPOINT_NAME} written by the linear probe "
-                         f"({type(e).__name__}: {e})") from None
+        raise ValueError(f"--classifier {path} is not a {expected} ({type(e).__name__}: {e})") from None
     return SavedProbe("linear", path, payload, lambda features: linear.predict(classifier, features))
 
 
 def load_probe_classifier(path: str) -> SavedProbe:
-    """The linear (.pth) or log-reg (.json) classifier at `path`, with its thresholds; raises naming the file."""
+    """The k-NN or linear (.pth) or log-reg (.json) classifier at `path`, with its thresholds; raises naming the
+    file."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--classifier {path}: no such file")
-    return _load_log_regression(path) if path.endswith(".json") else _load_linear(path)
+    return _load_log_regression(path) if path.endswith(".json") else _load_torch_classifier(path)
 
 
 def score_dataset(

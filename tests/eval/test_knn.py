@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from eval_helpers import read_results
+from eval_helpers import cached_feature_set, read_results
 
 from dinov2.eval.knn import _clip_ks, knn_class_probabilities
 
@@ -96,6 +96,14 @@ def test_knn_results_file(teacher_run, sample_root):
     assert settings["k"] == entry["settings"]["k"] and settings["thresholds"] == results["thresholds"]
     assert results["thresholds"]["chosen_on"].endswith("(leave-group-out k-NN scores)")
     assert results["random_init"] is False
+    classifier = torch.load(output_dir / "knn_classifier.pth", weights_only=True)
+    assert sorted(classifier) == ["class_names", "features", "k", "temperature", "thresholds", "train_dataset",
+                                  "train_features", "train_labels"]
+    train = cached_feature_set(output_dir, "train")
+    assert torch.equal(classifier["train_features"], train.normalized_cls())
+    assert torch.equal(classifier["train_labels"], torch.from_numpy(train.labels))
+    assert (classifier["k"], classifier["temperature"]) == (settings["k"], 0.07)
+    assert classifier["thresholds"] == results["thresholds"]
 
 
 def test_knn_prediction_csvs_and_plots(teacher_run):

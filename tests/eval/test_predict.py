@@ -17,7 +17,8 @@ from dinov2.eval import predict
 from dinov2.eval.features import EXTRACTION_COUNTS, backbone_fingerprint
 from dinov2.eval.setup import build_model_for_eval
 
-CLASSIFIER_FILES = {"linear": "linear_classifier.pth", "log_regression": "log_regression_classifier.json"}
+CLASSIFIER_FILES = {"knn": "knn_classifier.pth", "linear": "linear_classifier.pth",
+                    "log_regression": "log_regression_classifier.json"}
 
 
 def predict_args(config, weights, classifier, output_dir, *datasets: str):
@@ -47,7 +48,7 @@ def write_annotations(sample_root, name: str, keep_labels: int) -> str:
     return dataset_str(sample_root, "TEST", name)
 
 
-@pytest.mark.parametrize("probe", ["linear", "log_regression"])
+@pytest.mark.parametrize("probe", ["knn", "linear", "log_regression"])
 def test_predictions_equal_the_probes_on_their_test_split(probe, tmp_path, teacher_run, sample_root, eval_config,
                                                           teacher_checkpoint):
     """A fresh extraction (own output directory, no shared cache) reproduces the probe's scores, decisions, group
@@ -126,14 +127,15 @@ def test_files_that_are_not_probe_classifiers_are_named(tmp_path, teacher_run, t
     teacher_dir, _ = teacher_run
     with pytest.raises(FileNotFoundError, match="--classifier .*nope.pth: no such file"):
         predict.load_probe_classifier(str(tmp_path / "nope.pth"))
-    with pytest.raises(ValueError, match=r"results_eval_knn.json is not a log_regression_classifier.json .*missing "
-                                         r"\['coef', 'intercept', 'classes'\]\); the k-NN probe keeps no classifier"):
+    with pytest.raises(ValueError, match=r"results_eval_knn.json is not a log_regression_classifier.json written by "
+                                         r"the log-reg probe \(missing \['coef', 'intercept', 'classes'\]\)"):
         predict.load_probe_classifier(str(teacher_dir / "results_eval_knn.json"))
-    with pytest.raises(ValueError, match=r"teacher_checkpoint.pth is not a linear_classifier.pth .*KeyError"):
+    with pytest.raises(ValueError, match=r"teacher_checkpoint.pth is not a knn_classifier.pth or "
+                                         r"linear_classifier.pth written by a probe \(KeyError"):
         predict.load_probe_classifier(str(teacher_checkpoint))
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="garbage.pth is not a linear_classifier.pth written by the linear probe"):
+    with pytest.raises(ValueError, match="garbage.pth is not a knn_classifier.pth or linear_classifier.pth"):
         predict.load_probe_classifier(str(garbage))
     broken = tmp_path / "broken.json"
     broken.write_text('{"coef": [1')
@@ -150,9 +152,9 @@ def test_files_that_are_not_probe_classifiers_are_named(tmp_path, teacher_run, t
 def test_saved_classifiers_record_their_features_source(teacher_run, eval_config, teacher_checkpoint):
     """The fixture's probes ran with --resize-size 64 --crop-size 64 on the teacher checkpoint."""
     teacher_dir, _ = teacher_run
-    linear_source = predict.load_probe_classifier(str(teacher_dir / "linear_classifier.pth")).source
-    log_reg_source = predict.load_probe_classifier(str(teacher_dir / "log_regression_classifier.json")).source
-    assert linear_source == log_reg_source
+    sources = [predict.load_probe_classifier(str(teacher_dir / name)).source for name in CLASSIFIER_FILES.values()]
+    linear_source = sources[1]
+    assert sources[0] == linear_source == sources[2]
     assert list(linear_source) == ["backbone_sha256", "pretrained_weights", "model", "eval_transform"]
     assert linear_source["eval_transform"] == {"resize_size": 64, "crop_size": 64, "draft_reducing_gap": 2.0}
     assert linear_source["pretrained_weights"] == str(teacher_checkpoint)
