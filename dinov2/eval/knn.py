@@ -131,8 +131,8 @@ def eval_knn(args: argparse.Namespace, train: FeatureSet, val: FeatureSet) -> Di
          "thresholds_per_k": {str(k): t for k, t in thresholds.items()}},
     )
     classifier = {"train_features": train_x, "train_labels": train_y, "k": best_k, "temperature": args.temperature,
-                  "class_names": train.class_names, "thresholds": thresholds[best_k], "train_dataset": train.dataset_str,
-                  "features": train.source}
+                  "class_names": train.class_names, "thresholds": thresholds[best_k],
+                  "train_dataset": train.dataset_str, "features": train.source}
     atomic_write(os.path.join(args.output_dir, CLASSIFIER_NAME), lambda f: torch.save(classifier, f))
     results = results_header(args, "knn", train, settings, thresholds[best_k])
     val_x = val.normalized_cls()
