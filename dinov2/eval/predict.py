@@ -88,10 +88,10 @@ def get_args_parser(
 
 
 def _load_log_regression(path: str) -> SavedProbe:
-    with open(path) as f:
+    with open(path, "rb") as f:
         try:
             payload = json.load(f)
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"--classifier {path}: invalid JSON ({e})") from None
     missing = [k for k in _LOG_REGRESSION_KEYS if k not in payload] if isinstance(payload, dict) else ["all"]
     if missing:

@@ -141,6 +141,9 @@ def test_files_that_are_not_probe_classifiers_are_named(tmp_path, teacher_run, t
     broken.write_text('{"coef": [1')
     with pytest.raises(ValueError, match="--classifier .*broken.json: invalid JSON"):
         predict.load_probe_classifier(str(broken))
+    broken.write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(ValueError, match="--classifier .*broken.json: invalid JSON"):
+        predict.load_probe_classifier(str(broken))
     old = json.loads((teacher_dir / "log_regression_classifier.json").read_text())
     del old["features"]
     (tmp_path / "old.json").write_text(json.dumps(old))
