@@ -20,54 +20,23 @@ Outputs in --output-dir, for probe P (knn, linear or log_regression) and dataset
 
 import argparse
 import dataclasses
-import json
 import logging
 import os
-import pickle
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List, Optional
 
 import numpy as np
-import torch
 
 import dinov2.distributed as distributed
-from dinov2.eval import knn, linear, log_regression
 from dinov2.eval.features import FeatureSet, setup_feature_store
 from dinov2.eval.metrics import positive_scores
 from dinov2.eval.reports import evaluate_split, group_scores, unique_tag, write_json_atomic, write_predictions
+from dinov2.eval.saved_probe import SavedProbe, check_backbone, load_probe_classifier
 from dinov2.eval.setup import add_inference_arguments, get_args_parser as get_setup_args_parser
 from dinov2.eval.utils import run_on_main_process
 
 logger = logging.getLogger("dinov2")
 
 RESULTS_NAME = "predictions.json"
-_LOG_REGRESSION_KEYS = ("coef", "intercept", "classes", "class_names", "thresholds")
-
-
-@dataclasses.dataclass
-class SavedProbe:
-    """A probe classifier loaded from its file: `score` maps a split's features to (N, C) class probabilities."""
-
-    probe: str  # "knn", "linear" or "log_regression", as in the output file names
-    path: str
-    payload: Dict[str, object]
-    score: Callable[[FeatureSet], np.ndarray]
-
-    @property
-    def class_names(self) -> List[str]:
-        return list(self.payload["class_names"])
-
-    @property
-    def thresholds(self) -> Dict[str, object]:
-        return self.payload["thresholds"]
-
-    @property
-    def source(self) -> Dict[str, object]:
-        """What the training features were extracted with; raises if the file predates this record."""
-        source = self.payload.get("features")
-        if not source or "backbone_sha256" not in source or "eval_transform" not in source:
-            raise ValueError(f"--classifier {self.path} does not record the backbone and eval transform its training "
-                             "features came from (written by an older version): run the probe again to rewrite it")
-        return source
 
 
 def get_args_parser(
@@ -85,58 +54,6 @@ def get_args_parser(
     parser.add_argument("--batch-size", type=int, default=256, help="Batch size of feature extraction")
     add_inference_arguments(parser)
     return parser
-
-
-def _load_log_regression(path: str) -> SavedProbe:
-    with open(path, "rb") as f:
-        try:
-            payload = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"--classifier {path}: invalid JSON ({e})") from None
-    missing = [k for k in _LOG_REGRESSION_KEYS if k not in payload] if isinstance(payload, dict) else ["all"]
-    if missing:
-        raise ValueError(f"--classifier {path} is not a {log_regression.CLASSIFIER_NAME} written by the log-reg probe "
-                         f"(missing {missing})")
-    num_classes = len(payload["class_names"])
-    dtype = payload.get("settings", {}).get("train_dtype", "float64")
-
-    def score(features: FeatureSet) -> np.ndarray:
-        x = features.normalized_cls().numpy().astype(dtype)
-        return log_regression.log_regression_probabilities(payload, x, num_classes)
-
-    return SavedProbe("log_regression", path, payload, score)
-
-
-def _knn_probe(path: str, payload: Dict[str, object]) -> SavedProbe:
-    train_x, train_y = payload["train_features"], payload["train_labels"]
-    k, temperature, num_classes = int(payload["k"]), float(payload["temperature"]), len(payload["class_names"])
-
-    def score(features: FeatureSet) -> np.ndarray:
-        query = features.normalized_cls()
-        return knn.knn_class_probabilities(train_x, train_y, query, [k], temperature, num_classes)[k]
-
-    return SavedProbe("knn", path, payload, score)
-
-
-def _load_torch_classifier(path: str) -> SavedProbe:
-    """A k-NN or linear classifier: told apart by their keys."""
-    expected = f"{knn.CLASSIFIER_NAME} or {linear.CHECKPOINT_NAME} written by a probe"
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(payload, dict) and "train_features" in payload:
-            return _knn_probe(path, payload)
-        classifier = linear.linear_classifier_from_payload(payload)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, TypeError, AttributeError) as e:
-        raise ValueError(f"--classifier {path} is not a {expected} ({type(e).__name__}: {e})") from None
-    return SavedProbe("linear", path, payload, lambda features: linear.predict(classifier, features))
-
-
-def load_probe_classifier(path: str) -> SavedProbe:
-    """The k-NN or linear (.pth) or log-reg (.json) classifier at `path`, with its thresholds; raises naming the
-    file."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--classifier {path}: no such file")
-    return _load_log_regression(path) if path.endswith(".json") else _load_torch_classifier(path)
 
 
 def score_dataset(
@@ -206,12 +123,7 @@ def run_predict(args: argparse.Namespace) -> Optional[Dict[str, object]]:
     args.threshold_policy = saved.thresholds["policy"]
     args.group_aggregation = saved.thresholds["group_aggregation"]
     store = setup_feature_store(args, stat_images=True)  # re-shot images under old names are extracted again
-    if store.source["backbone_sha256"] != source["backbone_sha256"]:
-        raise ValueError(
-            f"--pretrained-weights {args.pretrained_weights} (state dict SHA-256 {store.source['backbone_sha256']}) "
-            f"is not the backbone the classifier {args.classifier} was trained on ({source['pretrained_weights']}, "
-            f"SHA-256 {source['backbone_sha256']})"
-        )
+    check_backbone(saved, store.source["backbone_sha256"], args.pretrained_weights)
     splits = [store.get(dataset_str) for dataset_str in dict.fromkeys(args.dataset_strs)]  # each dataset once
     return run_on_main_process(write_all_predictions, args, saved, splits)
 

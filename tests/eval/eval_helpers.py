@@ -39,6 +39,8 @@ def probe_args(module, config: pathlib.Path, weights, output_dir: pathlib.Path, 
 
 
 PROBES = {"knn": knn, "linear": linear, "log_regression": log_regression}
+CLASSIFIER_FILES = {"knn": "knn_classifier.pth", "linear": "linear_classifier.pth",
+                    "log_regression": "log_regression_classifier.json"}
 
 
 def probe_options(probe: str, root) -> list:

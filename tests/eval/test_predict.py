@@ -1,5 +1,5 @@
 """dinov2.eval.predict: saved probe classifiers applied to new (unlabelled) images, the same scores as the probes,
-refusal of another backbone and of files that are not probe classifiers."""
+refusal of another backbone and of other class lists, a feature cache that notices re-shot images."""
 
 import csv
 import json
@@ -7,18 +7,13 @@ import os
 import shutil
 
 import pytest
-import torch
-from eval_helpers import dataset_str, load_eval_config, read_results
-
-import dinov2.distributed as distributed
+from eval_helpers import CLASSIFIER_FILES, dataset_str, load_eval_config, read_results
 from PIL import Image, ImageOps
 
+import dinov2.distributed as distributed
 from dinov2.eval import predict
 from dinov2.eval.features import EXTRACTION_COUNTS, backbone_fingerprint
 from dinov2.eval.setup import build_model_for_eval
-
-CLASSIFIER_FILES = {"knn": "knn_classifier.pth", "linear": "linear_classifier.pth",
-                    "log_regression": "log_regression_classifier.json"}
 
 
 def predict_args(config, weights, classifier, output_dir, *datasets: str):
@@ -121,52 +116,6 @@ def test_labels_with_other_classes_are_refused(tmp_path, teacher_run, sample_roo
                 r".*linear_classifier.pth was trained on \['negative', 'positive'\]")
     with pytest.raises(ValueError, match=expected):
         run_predict(eval_config, teacher_checkpoint, teacher_dir / "linear_classifier.pth", tmp_path, three)
-
-
-def test_files_that_are_not_probe_classifiers_are_named(tmp_path, teacher_run, teacher_checkpoint):
-    teacher_dir, _ = teacher_run
-    with pytest.raises(FileNotFoundError, match="--classifier .*nope.pth: no such file"):
-        predict.load_probe_classifier(str(tmp_path / "nope.pth"))
-    with pytest.raises(ValueError, match=r"results_eval_knn.json is not a log_regression_classifier.json written by "
-                                         r"the log-reg probe \(missing \['coef', 'intercept', 'classes'\]\)"):
-        predict.load_probe_classifier(str(teacher_dir / "results_eval_knn.json"))
-    with pytest.raises(ValueError, match=r"teacher_checkpoint.pth is not a knn_classifier.pth or "
-                                         r"linear_classifier.pth written by a probe \(KeyError"):
-        predict.load_probe_classifier(str(teacher_checkpoint))
-    garbage = tmp_path / "garbage.pth"
-    garbage.write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="garbage.pth is not a knn_classifier.pth or linear_classifier.pth"):
-        predict.load_probe_classifier(str(garbage))
-    broken = tmp_path / "broken.json"
-    broken.write_text('{"coef": [1')
-    with pytest.raises(ValueError, match="--classifier .*broken.json: invalid JSON"):
-        predict.load_probe_classifier(str(broken))
-    broken.write_bytes(b"\xff\xfe\x00binary")
-    with pytest.raises(ValueError, match="--classifier .*broken.json: invalid JSON"):
-        predict.load_probe_classifier(str(broken))
-    old = json.loads((teacher_dir / "log_regression_classifier.json").read_text())
-    del old["features"]
-    (tmp_path / "old.json").write_text(json.dumps(old))
-    saved = predict.load_probe_classifier(str(tmp_path / "old.json"))
-    with pytest.raises(ValueError, match="old.json does not record the backbone and eval transform"):
-        saved.source
-
-
-def test_saved_classifiers_record_their_features_source(teacher_run, eval_config, teacher_checkpoint):
-    """The fixture's probes ran with --resize-size 64 --crop-size 64 on the teacher checkpoint."""
-    teacher_dir, _ = teacher_run
-    sources = [predict.load_probe_classifier(str(teacher_dir / name)).source for name in CLASSIFIER_FILES.values()]
-    linear_source = sources[1]
-    assert sources[0] == linear_source == sources[2]
-    assert list(linear_source) == ["backbone_sha256", "pretrained_weights", "model", "eval_transform"]
-    assert linear_source["eval_transform"] == {"resize_size": 64, "crop_size": 64, "draft_reducing_gap": 2.0}
-    assert linear_source["pretrained_weights"] == str(teacher_checkpoint)
-    assert linear_source["model"]["arch"] == "vit_tiny" and linear_source["model"]["patch_size"] == 16
-    model = build_model_for_eval(load_eval_config(eval_config), str(teacher_checkpoint))
-    assert linear_source["backbone_sha256"] == backbone_fingerprint(model)
-    with torch.no_grad():
-        model.cls_token.add_(1e-3)
-    assert backbone_fingerprint(model) != linear_source["backbone_sha256"]
 
 
 def test_images_overwritten_under_their_names_are_extracted_again(tmp_path, teacher_run, sample_root, eval_config,
