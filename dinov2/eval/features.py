@@ -20,7 +20,7 @@ import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -145,6 +145,12 @@ class ProbeFeatureModel(nn.Module):
         return torch.cat([*class_tokens, outputs[-1][0].float().mean(dim=1)], dim=1)
 
 
+def split_feature_rows(features: torch.Tensor, n_blocks: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """`ProbeFeatureModel` rows (N, (n_blocks + 1) * D) -> class tokens (N, n_blocks, D), mean patch token (N, D)."""
+    dim = features.shape[1] // (n_blocks + 1)
+    return features[:, : n_blocks * dim].reshape(len(features), n_blocks, dim), features[:, n_blocks * dim :]
+
+
 def backbone_fingerprint(model: nn.Module) -> str:
     """SHA-256 of a backbone's state dict (names, dtypes, shapes and values, in name order): identifies the weights
     wherever the file was copied to, unlike its path."""
@@ -154,6 +160,19 @@ def backbone_fingerprint(model: nn.Module) -> str:
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
         digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return digest.hexdigest()
+
+
+def feature_source(
+    model: nn.Module, pretrained_weights: str, config: DictConfig, eval_transform: Dict[str, object]
+) -> Dict[str, object]:
+    """The `source` of the features `model` extracts with the eval transform of `make_classification_eval_transform(
+    **eval_transform)`: saved with the probes' classifiers (see the module docstring)."""
+    return {
+        "backbone_sha256": backbone_fingerprint(model),
+        "pretrained_weights": pretrained_weights,
+        "model": OmegaConf.to_container(config.student, resolve=True),
+        "eval_transform": dict(eval_transform),
+    }
 
 
 def weights_identity(pretrained_weights: str, seed: int) -> Dict[str, object]:
@@ -259,11 +278,11 @@ class FeatureStore:
         else:
             features, labels = self._extract(path, fields, dataset, dataset_str)
         distributed.barrier()
-        n, d = len(labels), self.embed_dim
+        cls_tokens, patch_mean = split_feature_rows(features, self.n_blocks)
         return FeatureSet(
             dataset_str=dataset_str,
-            cls=features[:, : self.n_blocks * d].reshape(n, self.n_blocks, d),
-            patch_mean=features[:, self.n_blocks * d :],
+            cls=cls_tokens,
+            patch_mean=patch_mean,
             labels=labels.numpy().astype(np.int64),
             group_ids=_group_ids(dataset, dataset_str),
             img_paths=_img_paths(dataset),
@@ -279,20 +298,14 @@ def setup_feature_store(args: argparse.Namespace, stat_images: bool = False) -> 
     `stat_images`)."""
     check_qc_arguments(args)
     model, autocast_dtype, config = setup_eval_model(args)
-    source = {
-        "backbone_sha256": backbone_fingerprint(model),  # before any cast: the weights as loaded
-        "pretrained_weights": args.pretrained_weights,
-        "model": OmegaConf.to_container(config.student, resolve=True),
-        "eval_transform": {"resize_size": args.resize_size, "crop_size": args.crop_size,
-                           "draft_reducing_gap": args.draft_reducing_gap},
-    }
+    eval_transform = {"resize_size": args.resize_size, "crop_size": args.crop_size,
+                      "draft_reducing_gap": args.draft_reducing_gap}
+    source = feature_source(model, args.pretrained_weights, config, eval_transform)  # before any cast
     if args.cast_weights:
         model.to(autocast_dtype)  # float32 on the CPU: nothing changes there
     if args.compile:
         model.compile_blocks(backend=args.compile)
-    transform = make_classification_eval_transform(
-        resize_size=args.resize_size, crop_size=args.crop_size, draft_reducing_gap=args.draft_reducing_gap
-    )
+    transform = make_classification_eval_transform(**eval_transform)
     cache_dir = args.features_dir or os.path.join(args.output_dir, "features")
     return FeatureStore(model, autocast_dtype, config, args.pretrained_weights, transform, cache_dir, args.batch_size,
                         args.num_workers, source, stat_images)

@@ -1,0 +1,60 @@
+"""dinov2.eval.predictor: in-process scoring, device by device, with the probes' scores and decisions."""
+
+import csv
+
+import pytest
+from eval_helpers import CLASSIFIER_FILES
+
+from dinov2.data.datasets import ImageDecodeError
+from dinov2.eval.predictor import Predictor
+from dinov2.eval.saved_probe import load_probe_classifier
+
+
+def read_rows(path) -> list:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize("probe", ["knn", "linear", "log_regression"])
+def test_device_by_device_scores_equal_the_probes(probe, teacher_run, sample_root, eval_config, teacher_checkpoint):
+    teacher_dir, _ = teacher_run
+    classifier = teacher_dir / CLASSIFIER_FILES[probe]
+    predictor = Predictor(str(eval_config), str(teacher_checkpoint), str(classifier))
+    thresholds = load_probe_classifier(str(classifier)).thresholds
+    images = read_rows(teacher_dir / f"predictions_{probe}_test.csv")
+    groups = read_rows(teacher_dir / f"predictions_{probe}_test_groups.csv")
+    for group in groups:
+        rows = [r for r in images if r["group_id"] == group["group_id"]]
+        decision = predictor.score([sample_root / r["img_path"] for r in rows], [group["group_id"]] * len(rows))
+        assert [d["path"] for d in decision["images"]] == [str(sample_root / r["img_path"]) for r in rows]
+        for d, r in zip(decision["images"], rows):
+            assert d["score"] == pytest.approx(float(r["score"]), abs=1e-6)
+            if abs(float(r["score"]) - thresholds["image"]["threshold"]) > 1e-6:
+                assert d["positive"] == bool(int(r["prediction"]))
+        (device,) = decision["groups"]
+        assert (device["group_id"], device["n_images"]) == (group["group_id"], int(group["n_images"]))
+        assert device["score"] == pytest.approx(float(group["score"]), abs=1e-6)
+        if abs(float(group["score"]) - thresholds["group"]["threshold"]) > 1e-6:
+            assert device["positive"] == bool(int(group["prediction"]))
+    everything = predictor.score([sample_root / r["img_path"] for r in images], [r["group_id"] for r in images])
+    assert [g["group_id"] for g in everything["groups"]] == [g["group_id"] for g in groups]
+    assert [g["score"] for g in everything["groups"]] == pytest.approx([float(g["score"]) for g in groups], abs=1e-6)
+
+
+def test_bad_calls_and_another_backbone_are_refused(tmp_path, teacher_run, sample_root, eval_config,
+                                                    teacher_checkpoint):
+    teacher_dir, _ = teacher_run
+    classifier = str(teacher_dir / "linear_classifier.pth")
+    with pytest.raises(ValueError, match="--pretrained-weights random .* is not the backbone the classifier"):
+        Predictor(str(eval_config), "random", classifier)
+    predictor = Predictor(str(eval_config), str(teacher_checkpoint), classifier)
+    photo = str(next((sample_root / "test").glob("*/*.jpeg")))
+    decision = predictor.score([photo])
+    assert decision["groups"][0]["group_id"] == "device" and decision["groups"][0]["n_images"] == 1
+    with pytest.raises(ValueError, match="no images to score"):
+        predictor.score([])
+    with pytest.raises(ValueError, match="2 images but 1 group ids"):
+        predictor.score([photo, photo], ["a"])
+    missing = tmp_path / "7-0.jpeg"
+    with pytest.raises(ImageDecodeError, match=f"sample 1: {missing}"):
+        predictor.score([photo, missing])
