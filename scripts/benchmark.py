@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""Benchmarks: `backbone`, `data`, `train`, `parity`, `extract`, `loss`. Each run prints one JSON line; the exit code
-is 1 when a record says `"within_tolerance": false` (the loss-parity check). `summary` prints the GPU suite's JSON
-lines as markdown tables against the upstream anchor.
+"""Benchmarks: `backbone`, `data`, `train`, `parity`, `extract`, `loss`, `predictor`. Each run prints one JSON line;
+the exit code is 1 when a record says `"within_tolerance": false` (the loss-parity check). `summary` prints the GPU
+suite's JSON lines as markdown tables against the upstream anchor.
 
 Usage: python scripts/benchmark.py <subcommand> [options]; `python scripts/benchmark.py <subcommand> --help` lists them.
 Each subcommand lives in scripts/benchmarks/<name>.py and exposes `add_arguments(parser)` and `run(args) -> list[dict]`;
@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-SUBCOMMANDS = ("backbone", "data", "train", "parity", "extract", "loss", "summary")
+SUBCOMMANDS = ("backbone", "data", "train", "parity", "extract", "loss", "predictor", "summary")
 
 
 def main(argv=None) -> int:

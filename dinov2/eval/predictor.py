@@ -12,6 +12,7 @@ classifier and its thresholds: the maths of `dinov2.eval.predict`, without its s
 
 import argparse
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -33,9 +34,13 @@ logger = logging.getLogger("dinov2")
 class Predictor:
     """A backbone and a probe classifier (`knn_classifier.pth`, `linear_classifier.pth` or
     `log_regression_classifier.json`) that score photos in this process; `opts` are config overrides (key=value).
-    The backbone runs on CUDA when available, with the config's teacher dtype there, as the probes' extraction."""
+    The backbone runs on CUDA when available, with the config's teacher dtype there, as the probes' extraction. The
+    photos of a call are decoded and transformed by `decode_threads` threads (Pillow and torch release the GIL)."""
 
-    def __init__(self, config_file: str, pretrained_weights: str, classifier: str, opts: Sequence[str] = ()) -> None:
+    def __init__(self, config_file: str, pretrained_weights: str, classifier: str, opts: Sequence[str] = (),
+                 decode_threads: int = 4) -> None:
+        if decode_threads < 1:
+            raise ValueError(f"decode_threads must be >= 1, got {decode_threads}")
         self.saved = load_probe_classifier(classifier)
         source = self.saved.source
         config = get_cfg_from_args(argparse.Namespace(config_file=config_file, opts=list(opts)))
@@ -46,6 +51,7 @@ class Predictor:
         self.n_blocks = min(MAX_BLOCKS, int(model.n_blocks))
         self.feature_model = ProbeFeatureModel(model, self.n_blocks, make_autocast_ctx(autocast_dtype, self.device))
         self.transform = make_classification_eval_transform(**source["eval_transform"])
+        self._decoders = ThreadPoolExecutor(decode_threads, thread_name_prefix="predictor-decode")
 
     def score(self, paths: Sequence[str], group_ids: Optional[Sequence[str]] = None) -> Dict[str, List[Dict]]:
         """Score the image files `paths` (one device's photos, or several devices' with their `group_ids`; default:
@@ -58,7 +64,7 @@ class Predictor:
         if len(group_ids) != len(paths):
             raise ValueError(f"{len(paths)} images but {len(group_ids)} group ids")
         dataset = ImagePaths(paths=paths, transform=self.transform)
-        batch = torch.stack([dataset[i][0] for i in range(len(dataset))])
+        batch = torch.stack([image for image, _ in self._decoders.map(dataset.__getitem__, range(len(dataset)))])
         with torch.inference_mode():
             rows = self.feature_model(batch.to(self.device)).float().cpu()
             cls_tokens, patch_mean = split_feature_rows(rows, self.n_blocks)

@@ -76,7 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
 
 
-def _parse_size(text: str) -> Tuple[int, int]:
+def parse_size(text: str) -> Tuple[int, int]:
     try:
         width, height = (int(v) for v in text.lower().split("x"))
     except ValueError:
@@ -213,7 +213,7 @@ def run(args: argparse.Namespace) -> List[dict]:
             sources.append((args.dataset, None))
         else:
             for text in args.image_size:
-                width, height = _parse_size(text)
+                width, height = parse_size(text)
                 folder = os.path.join(tmp, f"{width}x{height}")
                 os.makedirs(folder)
                 write_synthetic_jpegs(folder, width, height, NUM_SYNTHETIC_IMAGES, args.seed)

@@ -58,3 +58,13 @@ def test_bad_calls_and_another_backbone_are_refused(tmp_path, teacher_run, sampl
     missing = tmp_path / "7-0.jpeg"
     with pytest.raises(ImageDecodeError, match=f"sample 1: {missing}"):
         predictor.score([photo, missing])
+    with pytest.raises(ValueError, match="decode_threads must be >= 1, got 0"):
+        Predictor(str(eval_config), str(teacher_checkpoint), classifier, decode_threads=0)
+
+
+def test_decode_threads_do_not_change_the_scores(teacher_run, sample_root, eval_config, teacher_checkpoint):
+    teacher_dir, _ = teacher_run
+    photos = sorted((sample_root / "test").glob("*/*.jpeg"))
+    scores = [Predictor(str(eval_config), str(teacher_checkpoint), str(teacher_dir / "linear_classifier.pth"),
+                        decode_threads=threads).score(photos) for threads in (1, 3)]
+    assert scores[0] == scores[1]
