@@ -6,7 +6,7 @@
 # the exit code is then 1.
 #
 #   bash scripts/gpu_benchmarks.sh smoke | train-l16 | train-b14 | train-s14 | parity | loss | extract | data | e2e |
-#                                  profile | summary | all
+#                                  predictor | profile | summary | all
 #
 # Training runs follow the protocol of the anchor (upstream DINOv2 on the same GPU): `vitl16_short.yaml` (batch
 # 64, 2 x 224 + 8 local crops of 96 px for patch 16 / 98 px for patch 14, 65536 prototypes, shared head, drop path
@@ -194,17 +194,24 @@ PY
     bench "${EXTRACT[@]}" --iters 5 --profile "$PROFILE_DIR/compile_true" --compile
     bench "${EXTRACT[@]}" --iters 5 --profile "$PROFILE_DIR/compile_true" --compile --cast-weights
     ;;
+  predictor)  # production scoring: ms per device of 3 photos (decode on 4 threads, backbone, classifier)
+    for arch in "vit_small 14" "vit_large 14"; do
+      set -- $arch
+      bench scripts/benchmark.py predictor --arch "$1" --patch-size "$2" --image-size 640x480 1920x1440 4000x3000 \
+        --iters 20
+    done
+    ;;
   summary)  # the results so far as markdown tables against the anchor
     "$PYTHON" scripts/benchmark.py summary --results "$RESULTS"
     ;;
   all)
-    for stage in smoke train-l16 train-b14 train-s14 parity loss extract data e2e summary; do
+    for stage in smoke train-l16 train-b14 train-s14 parity loss extract data e2e predictor summary; do
       bash "$0" "$stage" || FAILED=$((FAILED + 1))
     done
     ;;
   *)
     echo "unknown stage '$STAGE': smoke | train-l16 | train-b14 | train-s14 | parity | loss | extract | data | e2e |" \
-      "profile | summary | all" >&2
+      "predictor | profile | summary | all" >&2
     exit 2
     ;;
 esac

@@ -138,8 +138,8 @@ def data_rows(records: List[Dict]) -> List[List[object]]:
 
 
 def render(records: List[Dict]) -> str:
-    """Markdown: one table per benchmark kind present in `records`, then the parity, loss, e2e, smoke and failed
-    runs."""
+    """Markdown: one table per benchmark kind present in `records`, then the parity, loss, e2e, predictor, smoke and
+    failed runs."""
     by_kind: Dict[str, List[Dict]] = {}
     for r in records:
         by_kind.setdefault(r.get("benchmark", "?"), []).append(r)
@@ -171,6 +171,10 @@ def render(records: List[Dict]) -> str:
         side = f", gpu_side_stream={r['gpu_side_stream']}" if r["gpu_augmentation"] else ""
         parts.append(f"e2e {r['arch']} batch {r['batch_size']}, gpu_augmentation={r['gpu_augmentation']}{side}: "
                      f"{r['images_per_s']:.1f} images/s over {r['logged_iterations']} logged iterations")  # fmt: skip
+    for r in by_kind.get("predictor", []):
+        parts.append(f"predictor {r['arch']}/{r['patch_size']}, {r['images_per_device']} photos of {r['image_size']} "
+                     f"per device, {r['decode_threads']} decoding threads, {r['device']}: {r['ms_per_device']:.1f} ms "
+                     f"per device (median {r['ms_per_device_median']:.1f})")  # fmt: skip
     for r in by_kind.get("smoke", []):
         resumed = "" if r["resumed_at"] is None else f", resumed at iteration {r['resumed_at']}"
         parts.append(f"smoke {r['run']}: trained to iteration {r['last_iteration']}{resumed}, final total loss "
