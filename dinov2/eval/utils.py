@@ -3,8 +3,7 @@
 import contextlib
 import functools
 import logging
-import os
-from typing import IO, Any, Callable, Dict, Iterable, Optional, Tuple, TypeVar
+from typing import Any, Callable, Dict, Iterable, Optional, Tuple, TypeVar
 
 import torch
 import torch.nn.functional as F
