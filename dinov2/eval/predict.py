@@ -9,7 +9,8 @@ training features (dinov2/eval/features.py): the images are extracted with the s
 whose state dict is not the one the classifier was trained on is refused, as its scores would mean nothing. Every
 image gets the positive-class score and the decision at the saved image threshold, every group (device) its aggregated
 score and the decision at the saved group threshold. Labels are optional (`gt_label` absent or -1); a dataset whose
-images are all labelled also gets the QC metrics and plots of the probes.
+images are all labelled also gets the QC metrics and plots of the probes. To decide device by device in a running
+process instead, see `dinov2.eval.predictor`.
 
 Outputs in --output-dir, for probe P (knn, linear or log_regression) and dataset tag S:
     predictions_P_S.csv, predictions_P_S_groups.csv    as the probes write them; label -1 where unlabelled
