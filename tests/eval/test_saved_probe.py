@@ -10,6 +10,7 @@ from dinov2.eval.features import backbone_fingerprint
 from dinov2.eval.saved_probe import load_probe_classifier
 from dinov2.eval.setup import build_model_for_eval
 
+
 def test_files_that_are_not_probe_classifiers_are_named(tmp_path, teacher_run, teacher_checkpoint):
     teacher_dir, _ = teacher_run
     with pytest.raises(FileNotFoundError, match="--classifier .*nope.pth: no such file"):
