@@ -69,15 +69,18 @@ def score_dataset(
     features = dataclasses.replace(features, class_names=saved.class_names)
     probs = saved.score(features)
     thresholds = saved.thresholds
+    scores = positive_scores(probs) if len(probs) else np.zeros(0)
+    groups = group_scores(features, scores, thresholds)
     if labelled:
         entry = evaluate_split(output_dir, saved.probe, features, probs, thresholds, fpr_target, tag=tag)
     else:
         if n_labelled:
             logger.warning(f"{features.dataset_str}: {n_labelled} of {len(features)} images are labelled; metrics "
                            "need every image labelled, so only the predictions are written")
-        entry = {"files": write_predictions(output_dir, f"{saved.probe}_{tag}", features, probs, thresholds)}
-    scores = positive_scores(probs) if len(probs) else np.zeros(0)
-    group_ids, _, g_scores, _ = group_scores(features, scores, thresholds)
+        files = write_predictions(output_dir, f"{saved.probe}_{tag}", features, probs, thresholds, scores=scores,
+                                  groups=groups)
+        entry = {"files": files}
+    group_ids, _, g_scores, _ = groups
     counts = {
         "n_images": len(features),
         "n_labelled": n_labelled,

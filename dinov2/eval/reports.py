@@ -31,6 +31,7 @@ from dinov2.utils.utils import atomic_write
 logger = logging.getLogger("dinov2")
 
 PROBES = ("knn", "linear", "log_regression")
+GroupTable = Tuple[List[str], np.ndarray, np.ndarray, List[str]]  # group ids, labels, scores, mixed-label ids
 KEY_METRICS = (
     "accuracy", "balanced_accuracy", "precision", "recall", "f1", "auroc", "average_precision", "recall_at_fpr"
 )
@@ -120,9 +121,10 @@ def evaluate_split(
     if not write_files:
         return result
     stem = f"{probe}_{tag}"
-    files = write_predictions(output_dir, stem, features, probs, thresholds)
     scores = positive_scores(probs) if len(probs) else np.zeros(0)
-    _, g_labels, g_scores, _ = group_scores(features, scores, thresholds)
+    groups = group_scores(features, scores, thresholds)
+    files = write_predictions(output_dir, stem, features, probs, thresholds, scores=scores, groups=groups)
+    _, g_labels, g_scores, _ = groups
     plots_dir = os.path.join(output_dir, "plots")
     os.makedirs(plots_dir, exist_ok=True)
     group_names = ["negative group", "positive group"]
@@ -135,9 +137,7 @@ def evaluate_split(
     return result
 
 
-def group_scores(
-    features: FeatureSet, scores: np.ndarray, thresholds: Dict[str, object]
-) -> Tuple[List[str], np.ndarray, np.ndarray, List[str]]:
+def group_scores(features: FeatureSet, scores: np.ndarray, thresholds: Dict[str, object]) -> GroupTable:
     """`aggregate_groups` of positive-class `scores` with the saved aggregation: (group ids, group labels, group
     scores, mixed-label ids). A group with an unlabelled image (-1) has label -1 and is never mixed."""
     labels = np.asarray(features.labels)
@@ -150,13 +150,21 @@ def group_scores(
 
 
 def write_predictions(
-    output_dir: str, stem: str, features: FeatureSet, probs: np.ndarray, thresholds: Dict[str, object]
+    output_dir: str,
+    stem: str,
+    features: FeatureSet,
+    probs: np.ndarray,
+    thresholds: Dict[str, object],
+    scores: Optional[np.ndarray] = None,
+    groups: Optional[GroupTable] = None,
 ) -> List[str]:
     """`predictions_<stem>.csv` (one row per image) and `predictions_<stem>_groups.csv` (one row per group) of class
-    probabilities `probs` (N, C) at the saved thresholds; unlabelled images and groups have label -1. Returns the
-    file names."""
+    probabilities `probs` (N, C) at the saved thresholds; unlabelled images and groups have label -1. `scores` and
+    `groups` (`positive_scores(probs)` and `group_scores`) are computed unless the caller has them. Returns the file
+    names."""
     image_t, group_t = thresholds["image"]["threshold"], thresholds["group"]["threshold"]
-    scores = positive_scores(probs) if len(probs) else np.zeros(0)
+    if scores is None:
+        scores = positive_scores(probs) if len(probs) else np.zeros(0)
     header = ["img_path", "group_id", "label", "score", "prediction"]
     multiclass = len(features.class_names) > 2
     if multiclass:
@@ -168,7 +176,7 @@ def write_predictions(
         rows.append(row + ([float(p) for p in probs[i]] if multiclass else []))
     image_csv = os.path.join(output_dir, f"predictions_{stem}.csv")
     _write_csv_atomic(image_csv, header, rows)
-    ids, g_labels, g_scores, mixed = group_scores(features, scores, thresholds)
+    ids, g_labels, g_scores, mixed = groups if groups is not None else group_scores(features, scores, thresholds)
     sizes = Counter(features.group_ids)
     mixed_ids = set(mixed)
     group_rows = [[gid, sizes[gid], int(g_labels[j]), float(g_scores[j]), int(g_scores[j] >= group_t),
