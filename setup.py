@@ -30,7 +30,8 @@ setup(
     package_data={"": ["*.yaml"]},
     install_requires=read_requirements("requirements.txt"),
     extras_require={
-        "dev": read_requirements("requirements-dev.txt"),
+        "dev": read_requirements("requirements-dev.txt") + read_requirements("requirements-export.txt"),
+        "export": read_requirements("requirements-export.txt"),
         "xformers": ["xformers"],
     },
 )

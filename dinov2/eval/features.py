@@ -121,10 +121,15 @@ class FeatureSet:
         """Upstream linear-probe input: concatenated class tokens of the last n blocks (+ mean patch token)."""
         if not 1 <= n_last_blocks <= self.n_blocks:
             raise ValueError(f"n_last_blocks={n_last_blocks} but {self.n_blocks} blocks were extracted")
-        parts = [self.cls[:, -n_last_blocks:].flatten(1)]
-        if avgpool:
-            parts.append(self.patch_mean)
-        return torch.cat(parts, dim=1).float()
+        return linear_input(self.cls, self.patch_mean, n_last_blocks, avgpool)
+
+
+def linear_input(cls: torch.Tensor, patch_mean: torch.Tensor, n_last_blocks: int, avgpool: bool) -> torch.Tensor:
+    """Class tokens (N, n, D) of the last `n_last_blocks` blocks flattened (+ the mean patch token (N, D)), float32."""
+    parts = [cls[:, -n_last_blocks:].flatten(1)]
+    if avgpool:
+        parts.append(patch_mean)
+    return torch.cat(parts, dim=1).float()
 
 
 class ProbeFeatureModel(nn.Module):
@@ -148,7 +153,7 @@ class ProbeFeatureModel(nn.Module):
 def split_feature_rows(features: torch.Tensor, n_blocks: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """`ProbeFeatureModel` rows (N, (n_blocks + 1) * D) -> class tokens (N, n_blocks, D), mean patch token (N, D)."""
     dim = features.shape[1] // (n_blocks + 1)
-    return features[:, : n_blocks * dim].reshape(len(features), n_blocks, dim), features[:, n_blocks * dim :]
+    return features[:, : n_blocks * dim].reshape(features.shape[0], n_blocks, dim), features[:, n_blocks * dim :]
 
 
 def backbone_fingerprint(model: nn.Module) -> str:
@@ -232,7 +237,7 @@ class FeatureStore:
         images overwritten under the same names are extracted again (one `stat` per image: `dinov2.eval.predict` uses
         it; the probes do not)."""
         targets = dataset.get_targets() if hasattr(dataset, "get_targets") else None
-        listing = [_img_paths(dataset), None if targets is None else np.asarray(targets).tolist()]
+        listing = [dataset_image_paths(dataset), None if targets is None else np.asarray(targets).tolist()]
         if self.stat_images and hasattr(dataset, "get_image_relpath"):
             listing.append([_file_stamp(dataset.get_image_path(i)) for i in range(len(dataset))])
         content = json.dumps(listing)
@@ -285,7 +290,7 @@ class FeatureStore:
             patch_mean=patch_mean,
             labels=labels.numpy().astype(np.int64),
             group_ids=_group_ids(dataset, dataset_str),
-            img_paths=_img_paths(dataset),
+            img_paths=dataset_image_paths(dataset),
             class_names=_class_names(dataset, labels),
             source=self.source,
         )
@@ -327,7 +332,8 @@ def _group_ids(dataset, dataset_str: str) -> List[str]:
     return [str(i) for i in range(len(dataset))]
 
 
-def _img_paths(dataset) -> List[str]:
+def dataset_image_paths(dataset) -> List[str]:
+    """Image names of a dataset: paths relative to its root where it has them, else paths, else indices."""
     if hasattr(dataset, "get_image_relpath"):
         return [dataset.get_image_relpath(i) for i in range(len(dataset))]
     if hasattr(dataset, "get_image_path"):

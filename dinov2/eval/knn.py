@@ -20,6 +20,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import dinov2.distributed as distributed
 from dinov2.eval.features import FeatureSet, setup_feature_store
@@ -82,9 +83,40 @@ def knn_class_probabilities(
             similarity = similarity.masked_fill(own, float("-inf"))
         top_sims, top_idx = similarity.topk(max_k, dim=1)
         for k in ks:
-            weights = torch.softmax(top_sims[:, :k] / temperature, dim=1)
-            probs[k].append((weights[:, :, None] * one_hot[top_idx[:, :k]]).sum(dim=1))
+            probs[k].append(weighted_vote(top_sims, top_idx, one_hot, k, temperature))
     return {k: torch.cat(v).cpu().numpy() if v else np.zeros((0, num_classes)) for k, v in probs.items()}
+
+
+def weighted_vote(
+    top_sims: torch.Tensor, top_idx: torch.Tensor, one_hot: torch.Tensor, k: int, temperature: float
+) -> torch.Tensor:
+    """Class probabilities (Nq, C) from the similarities and indices of each query's nearest training images, most
+    similar first (Nq, >= k), and the training labels one-hot (N, C): the first k vote, weighted by
+    softmax(similarity / temperature)."""
+    weights = torch.softmax(top_sims[:, :k] / temperature, dim=1)
+    return (weights[:, :, None] * one_hot[top_idx[:, :k]]).sum(dim=1)
+
+
+class KnnHead(nn.Module):
+    """The saved k-NN classifier as a scoring head: class tokens (N, n, D), mean patch token (N, D) -> (N, C) float64
+    probabilities of the k-NN probe, similarities in float64 as there (`dinov2.eval.saved_probe`,
+    `dinov2.eval.export`)."""
+
+    n_blocks = 1
+
+    def __init__(self, train_features: torch.Tensor, train_labels: torch.Tensor, k: int, temperature: float,
+                 num_classes: int):
+        super().__init__()
+        if not 1 <= k <= len(train_features):
+            raise ValueError(f"k = {k} but the classifier holds {len(train_features)} training features")
+        self.k, self.temperature = k, temperature
+        self.register_buffer("train_features", train_features.double())
+        self.register_buffer("one_hot", F.one_hot(train_labels.long(), num_classes).double())
+
+    def forward(self, cls: torch.Tensor, patch_mean: torch.Tensor) -> torch.Tensor:
+        query = F.normalize(cls[:, -1], dim=1, p=2).double()
+        top_sims, top_idx = (query @ self.train_features.T).topk(self.k, dim=1)
+        return weighted_vote(top_sims, top_idx, self.one_hot, self.k, self.temperature)
 
 
 def _clip_ks(nb_knn: Sequence[int], n_train: int) -> List[int]:

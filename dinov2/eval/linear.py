@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import dinov2.distributed as distributed
-from dinov2.eval.features import FeatureSet, setup_feature_store
+from dinov2.eval.features import FeatureSet, linear_input, setup_feature_store
 from dinov2.eval.metrics import SELECTION_METRICS, selection_score
 from dinov2.eval.reports import evaluate_split, results_header, unique_tag, write_results
 from dinov2.eval.setup import add_qc_arguments, get_probe_args_parser
@@ -156,11 +156,26 @@ def train_linear_grid(
     return classifiers, settings
 
 
+class LinearProbeHead(nn.Module):
+    """A linear classifier as a scoring head: class tokens (N, n, D) of the last n >= `n_blocks` blocks and mean patch
+    token (N, D) -> (N, C) float64 softmax probabilities (`dinov2.eval.saved_probe`, `dinov2.eval.export`)."""
+
+    def __init__(self, classifier: LinearClassifier):
+        super().__init__()
+        self.classifier = classifier
+        self.n_blocks = classifier.use_n_blocks
+
+    def forward(self, cls: torch.Tensor, patch_mean: torch.Tensor) -> torch.Tensor:
+        x = linear_input(cls, patch_mean, self.classifier.use_n_blocks, self.classifier.use_avgpool)
+        return torch.softmax(self.classifier(x), dim=1).double()
+
+
 @torch.no_grad()
 def predict(classifier: LinearClassifier, features: FeatureSet) -> np.ndarray:
     """(N, num_classes) softmax probabilities of one classifier on one split."""
-    x = features.linear_input(classifier.use_n_blocks, classifier.use_avgpool)
-    return torch.softmax(classifier(x), dim=1).double().numpy()
+    if not 1 <= classifier.use_n_blocks <= features.n_blocks:
+        raise ValueError(f"the classifier reads {classifier.use_n_blocks} blocks, {features.n_blocks} were extracted")
+    return LinearProbeHead(classifier)(features.cls, features.patch_mean).numpy()
 
 
 def save_linear_classifier(path: str, classifier: LinearClassifier, metadata: Dict[str, object]) -> None:

@@ -19,7 +19,9 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from sklearn.linear_model import LogisticRegression
+from torch import nn
 
 import dinov2.distributed as distributed
 from dinov2.eval.features import FeatureSet, setup_feature_store
@@ -101,18 +103,36 @@ def classifier_parameters(model: Any, c: float) -> Dict[str, object]:
 def log_regression_probabilities(params: Dict[str, object], x: np.ndarray, num_classes: int) -> np.ndarray:
     """(N, num_classes) probabilities from saved parameters: sigmoid for two fitted classes, softmax otherwise.
     Classes absent from the training data get probability 0."""
-    coef, intercept = np.asarray(params["coef"]), np.asarray(params["intercept"])
-    logits = np.asarray(x, dtype=np.float64) @ coef.T + intercept
-    if coef.shape[0] == 1:
-        p1 = 1.0 / (1.0 + np.exp(-logits[:, 0]))
-        fitted = np.stack([1.0 - p1, p1], axis=1)
-    else:
-        logits -= logits.max(axis=1, keepdims=True)
-        fitted = np.exp(logits)
-        fitted /= fitted.sum(axis=1, keepdims=True)
-    probs = np.zeros((len(x), num_classes))
-    probs[:, params["classes"]] = fitted
-    return probs
+    return LogRegressionHead(params, num_classes).probabilities(torch.from_numpy(np.asarray(x))).numpy()
+
+
+class LogRegressionHead(nn.Module):
+    """Saved log-reg parameters as a scoring head: class tokens (N, n, D), mean patch token (N, D) -> (N, C) float64
+    probabilities of the L2-normalised last class token, cast to `train_dtype` as the probe's features
+    (`dinov2.eval.saved_probe`, `dinov2.eval.export`)."""
+
+    n_blocks = 1
+
+    def __init__(self, params: Dict[str, object], num_classes: int, train_dtype: str = "float64"):
+        super().__init__()
+        self.train_dtype = getattr(torch, train_dtype)
+        self.register_buffer("coef", torch.tensor(params["coef"], dtype=torch.float64))
+        self.register_buffer("intercept", torch.tensor(params["intercept"], dtype=torch.float64))
+        # fitted class j -> column classes[j]: a product with ones and zeros, exact
+        self.register_buffer("placement", F.one_hot(torch.tensor(params["classes"]), num_classes).double())
+
+    def probabilities(self, x: torch.Tensor) -> torch.Tensor:
+        logits = x.double() @ self.coef.T + self.intercept
+        if self.coef.shape[0] == 1:
+            p1 = 1.0 / (1.0 + torch.exp(-logits[:, 0]))
+            fitted = torch.stack([1.0 - p1, p1], dim=1)
+        else:
+            fitted = torch.exp(logits - logits.max(dim=1, keepdim=True).values)
+            fitted = fitted / fitted.sum(dim=1, keepdim=True)
+        return fitted @ self.placement
+
+    def forward(self, cls: torch.Tensor, patch_mean: torch.Tensor) -> torch.Tensor:
+        return self.probabilities(F.normalize(cls[:, -1], dim=1, p=2).to(self.train_dtype))
 
 
 def _held_out_groups(train: FeatureSet, seed: int) -> Tuple[np.ndarray, np.ndarray]:

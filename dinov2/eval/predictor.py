@@ -7,7 +7,9 @@
 The backbone is built once and checked against the classifier (`dinov2.eval.saved_probe.check_backbone`). Each call
 decodes its photos with the classifier's eval transform, runs the backbone on them as one batch and applies the
 classifier and its thresholds: the maths of `dinov2.eval.predict`, without its start-up, cache and files.
-`python scripts/benchmark.py predictor` measures the latency of a call.
+`OnnxPredictor("model.onnx")` does the same with a model exported by `dinov2.eval.export`, run by ONNX Runtime: it needs
+neither the config, the weights nor the classifier file. `python scripts/benchmark.py predictor` measures the latency
+of a call.
 """
 
 import argparse
@@ -20,9 +22,9 @@ import torch
 
 from dinov2.data.datasets import ImagePaths
 from dinov2.data.transforms import make_classification_eval_transform
-from dinov2.eval.features import MAX_BLOCKS, FeatureSet, ProbeFeatureModel, backbone_fingerprint, split_feature_rows
-from dinov2.eval.metrics import positive_scores
-from dinov2.eval.reports import group_scores
+from dinov2.eval.export import INPUT_NAME, read_metadata
+from dinov2.eval.features import ProbeFeatureModel, backbone_fingerprint, split_feature_rows
+from dinov2.eval.metrics import aggregate_groups, positive_scores
 from dinov2.eval.saved_probe import check_backbone, load_probe_classifier
 from dinov2.eval.setup import build_model_for_eval, get_autocast_dtype
 from dinov2.eval.utils import make_autocast_ctx
@@ -31,27 +33,21 @@ from dinov2.utils.config import get_cfg_from_args
 logger = logging.getLogger("dinov2")
 
 
-class Predictor:
-    """A backbone and a probe classifier (`knn_classifier.pth`, `linear_classifier.pth` or
-    `log_regression_classifier.json`) that score photos in this process; `opts` are config overrides (key=value).
-    The backbone runs on CUDA when available, with the config's teacher dtype there, as the probes' extraction. The
-    photos of a call are decoded and transformed by `decode_threads` threads (Pillow and torch release the GIL)."""
+class _PhotoScorer:
+    """Decodes the photos of a call with an eval transform on `decode_threads` threads (Pillow and torch release the
+    GIL), scores them as one batch (`_image_scores`) and decides images and groups at the saved thresholds."""
 
-    def __init__(self, config_file: str, pretrained_weights: str, classifier: str, opts: Sequence[str] = (),
-                 decode_threads: int = 4) -> None:
+    def __init__(self, eval_transform: Dict[str, object], thresholds: Dict[str, object], decode_threads: int) -> None:
         if decode_threads < 1:
             raise ValueError(f"decode_threads must be >= 1, got {decode_threads}")
-        self.saved = load_probe_classifier(classifier)
-        source = self.saved.source
-        config = get_cfg_from_args(argparse.Namespace(config_file=config_file, opts=list(opts)))
-        model = build_model_for_eval(config, pretrained_weights)
-        check_backbone(self.saved, backbone_fingerprint(model), pretrained_weights)
-        self.device = next(model.parameters()).device
-        autocast_dtype = get_autocast_dtype(config) if self.device.type == "cuda" else torch.float32
-        self.n_blocks = min(MAX_BLOCKS, int(model.n_blocks))
-        self.feature_model = ProbeFeatureModel(model, self.n_blocks, make_autocast_ctx(autocast_dtype, self.device))
-        self.transform = make_classification_eval_transform(**source["eval_transform"])
+        self.thresholds = thresholds
+        self.transform = make_classification_eval_transform(
+            **{key: eval_transform[key] for key in ("resize_size", "crop_size", "draft_reducing_gap")})
         self._decoders = ThreadPoolExecutor(decode_threads, thread_name_prefix="predictor-decode")
+
+    def _image_scores(self, batch: torch.Tensor) -> np.ndarray:
+        """Positive-class scores (N,) of a batch of transformed images."""
+        raise NotImplementedError
 
     def score(self, paths: Sequence[str], group_ids: Optional[Sequence[str]] = None) -> Dict[str, List[Dict]]:
         """Score the image files `paths` (one device's photos, or several devices' with their `group_ids`; default:
@@ -65,18 +61,57 @@ class Predictor:
             raise ValueError(f"{len(paths)} images but {len(group_ids)} group ids")
         dataset = ImagePaths(paths=paths, transform=self.transform)
         batch = torch.stack([image for image, _ in self._decoders.map(dataset.__getitem__, range(len(dataset)))])
-        with torch.inference_mode():
-            rows = self.feature_model(batch.to(self.device)).float().cpu()
-            cls_tokens, patch_mean = split_feature_rows(rows, self.n_blocks)
-            features = FeatureSet("in-process", cls_tokens, patch_mean, np.full(len(paths), -1, dtype=np.int64),
-                                  group_ids, [str(p) for p in paths], self.saved.class_names, self.saved.source)
-            scores = positive_scores(self.saved.score(features))
-        thresholds = self.saved.thresholds
-        image_t, group_t = thresholds["image"]["threshold"], thresholds["group"]["threshold"]
-        ids, _, g_scores, _ = group_scores(features, scores, thresholds)
+        scores = self._image_scores(batch)
+        image_t, group_t = self.thresholds["image"]["threshold"], self.thresholds["group"]["threshold"]
+        ids, _, g_scores, _ = aggregate_groups(group_ids, np.zeros(len(paths), dtype=np.int64), scores,
+                                               self.thresholds["group_aggregation"], image_t)
         return {
-            "images": [{"path": path, "group_id": gid, "score": float(score), "positive": bool(score >= image_t)}
-                       for path, gid, score in zip(features.img_paths, group_ids, scores)],
+            "images": [{"path": str(path), "group_id": gid, "score": float(score), "positive": bool(score >= image_t)}
+                       for path, gid, score in zip(paths, group_ids, scores)],
             "groups": [{"group_id": gid, "n_images": group_ids.count(gid), "score": float(score),
                         "positive": bool(score >= group_t)} for gid, score in zip(ids, g_scores)],
         }
+
+
+class Predictor(_PhotoScorer):
+    """A backbone and a probe classifier (`knn_classifier.pth`, `linear_classifier.pth` or
+    `log_regression_classifier.json`) that score photos in this process; `opts` are config overrides (key=value).
+    The backbone runs on CUDA when available, with the config's teacher dtype there, as the probes' extraction."""
+
+    def __init__(self, config_file: str, pretrained_weights: str, classifier: str, opts: Sequence[str] = (),
+                 decode_threads: int = 4) -> None:
+        self.saved = load_probe_classifier(classifier)
+        super().__init__(self.saved.source["eval_transform"], self.saved.thresholds, decode_threads)
+        config = get_cfg_from_args(argparse.Namespace(config_file=config_file, opts=list(opts)))
+        model = build_model_for_eval(config, pretrained_weights)
+        check_backbone(self.saved, backbone_fingerprint(model), pretrained_weights)
+        self.device = next(model.parameters()).device
+        autocast_dtype = get_autocast_dtype(config) if self.device.type == "cuda" else torch.float32
+        self.n_blocks = self.saved.head.n_blocks
+        self.feature_model = ProbeFeatureModel(model, self.n_blocks, make_autocast_ctx(autocast_dtype, self.device))
+
+    def _image_scores(self, batch: torch.Tensor) -> np.ndarray:
+        with torch.inference_mode():
+            rows = self.feature_model(batch.to(self.device)).float().cpu()
+        return positive_scores(self.saved.score_tokens(*split_feature_rows(rows, self.n_blocks)))
+
+
+class OnnxPredictor(_PhotoScorer):
+    """A model exported by `dinov2.eval.export` (backbone, classifier and image threshold in one ONNX graph; eval
+    transform, group threshold and aggregation in its metadata), run by ONNX Runtime with `providers` (default: CUDA
+    where available, else CPU)."""
+
+    def __init__(self, model_path: str, decode_threads: int = 4, providers: Optional[Sequence[str]] = None) -> None:
+        import onnxruntime
+
+        self.metadata = read_metadata(model_path)
+        super().__init__(self.metadata["eval_transform"], self.metadata["thresholds"], decode_threads)
+        if providers is None:
+            providers = [p for p in onnxruntime.get_available_providers()
+                         if p in ("CUDAExecutionProvider", "CPUExecutionProvider")]
+        self.session = onnxruntime.InferenceSession(model_path, providers=list(providers))
+        self.class_names = self.metadata["class_names"]
+
+    def _image_scores(self, batch: torch.Tensor) -> np.ndarray:
+        (scores,) = self.session.run(["score"], {INPUT_NAME: batch.numpy()})
+        return scores

@@ -10,25 +10,29 @@ import dataclasses
 import json
 import os
 import pickle
-from typing import Callable, Dict, List
+from typing import Dict, List
 
 import numpy as np
 import torch
+from torch import nn
 
 from dinov2.eval import knn, linear, log_regression
 from dinov2.eval.features import FeatureSet
 
 _LOG_REGRESSION_KEYS = ("coef", "intercept", "classes", "class_names", "thresholds")
+SCORE_CHUNK = 1024  # images scored at once: bounds the k-NN similarity matrix
 
 
 @dataclasses.dataclass
 class SavedProbe:
-    """A probe classifier loaded from its file: `score` maps a split's features to (N, C) class probabilities."""
+    """A probe classifier loaded from its file. `head` maps class tokens (N, n, D) of the last n >= head.n_blocks
+    blocks and mean patch tokens (N, D) to (N, C) float64 class probabilities (the probe's maths: predict, the
+    predictor and the ONNX export share it)."""
 
     probe: str  # "knn", "linear" or "log_regression", as in the output file names
     path: str
     payload: Dict[str, object]
-    score: Callable[[FeatureSet], np.ndarray]
+    head: nn.Module
 
     @property
     def class_names(self) -> List[str]:
@@ -47,6 +51,19 @@ class SavedProbe:
                              "features came from (written by an older version): run the probe again to rewrite it")
         return source
 
+    def score(self, features: FeatureSet) -> np.ndarray:
+        """(N, C) class probabilities of a split's features."""
+        return self.score_tokens(features.cls, features.patch_mean)
+
+    @torch.inference_mode()
+    def score_tokens(self, cls: torch.Tensor, patch_mean: torch.Tensor) -> np.ndarray:
+        """(N, C) class probabilities of class tokens (N, n, D) of the last n blocks and mean patch tokens (N, D)."""
+        if cls.shape[1] < self.head.n_blocks:
+            raise ValueError(f"--classifier {self.path} reads {self.head.n_blocks} blocks, {cls.shape[1]} given")
+        chunks = [self.head(cls[i : i + SCORE_CHUNK], patch_mean[i : i + SCORE_CHUNK])
+                  for i in range(0, len(cls), SCORE_CHUNK)]
+        return torch.cat(chunks).numpy() if chunks else np.zeros((0, len(self.class_names)))
+
 
 def _load_log_regression(path: str) -> SavedProbe:
     with open(path, "rb") as f:
@@ -58,25 +75,9 @@ def _load_log_regression(path: str) -> SavedProbe:
     if missing:
         raise ValueError(f"--classifier {path} is not a {log_regression.CLASSIFIER_NAME} written by the log-reg probe "
                          f"(missing {missing})")
-    num_classes = len(payload["class_names"])
-    dtype = payload.get("settings", {}).get("train_dtype", "float64")
-
-    def score(features: FeatureSet) -> np.ndarray:
-        x = features.normalized_cls().numpy().astype(dtype)
-        return log_regression.log_regression_probabilities(payload, x, num_classes)
-
-    return SavedProbe("log_regression", path, payload, score)
-
-
-def _knn_probe(path: str, payload: Dict[str, object]) -> SavedProbe:
-    train_x, train_y = payload["train_features"], payload["train_labels"]
-    k, temperature, num_classes = int(payload["k"]), float(payload["temperature"]), len(payload["class_names"])
-
-    def score(features: FeatureSet) -> np.ndarray:
-        query = features.normalized_cls()
-        return knn.knn_class_probabilities(train_x, train_y, query, [k], temperature, num_classes)[k]
-
-    return SavedProbe("knn", path, payload, score)
+    train_dtype = payload.get("settings", {}).get("train_dtype", "float64")
+    head = log_regression.LogRegressionHead(payload, len(payload["class_names"]), train_dtype)
+    return SavedProbe("log_regression", path, payload, head.eval())
 
 
 def _load_torch_classifier(path: str) -> SavedProbe:
@@ -85,11 +86,13 @@ def _load_torch_classifier(path: str) -> SavedProbe:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
         if isinstance(payload, dict) and "train_features" in payload:
-            return _knn_probe(path, payload)
+            head = knn.KnnHead(payload["train_features"], payload["train_labels"], int(payload["k"]),
+                               float(payload["temperature"]), len(payload["class_names"]))
+            return SavedProbe("knn", path, payload, head.eval())
         classifier = linear.linear_classifier_from_payload(payload)
     except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"--classifier {path} is not a {expected} ({type(e).__name__}: {e})") from None
-    return SavedProbe("linear", path, payload, lambda features: linear.predict(classifier, features))
+    return SavedProbe("linear", path, payload, linear.LinearProbeHead(classifier).eval())
 
 
 def load_probe_classifier(path: str) -> SavedProbe:

@@ -18,6 +18,9 @@
 #   RDZV_ENDPOINT  host:port of the rendezvous when NNODES > 1 (run this script on every node); RDZV_ID (dinov2)
 #   EVAL_OPTS   options for the three probes (default: --resize-size S --crop-size S --num-workers W with
 #               S = crops.global_crops_size and W = train.num_workers of the run's config.yaml)
+#   EXPORT      auto|true|false (default auto): export the teacher with its linear probe to ONNX
+#               ($OUTPUT_DIR/export/model.onnx, checked on the TEST split); auto = when onnx and onnxruntime are
+#               installed (pip install -e '.[export]')
 set -euo pipefail
 
 cd "$(dirname "$0")/../.."
@@ -30,6 +33,7 @@ DATASET="${DATASET:-BBU:root=${DATA_ROOT}:split=TRAIN}"
 NO_RESUME="${NO_RESUME:-false}"
 EXTRA="${EXTRA:-}"
 LINEAR_OPTS="${LINEAR_OPTS:---epochs 10 --epoch-length 50}"
+EXPORT="${EXPORT:-auto}"
 if [[ -z "${NPROC:-}" ]]; then
     NPROC="$("$PYTHON" -c 'import torch; print(max(torch.cuda.device_count(), 1))')"
 fi
@@ -41,6 +45,12 @@ elif [[ -n "${RDZV_ENDPOINT:-}" ]]; then
 else
     echo "NNODES=$NNODES needs RDZV_ENDPOINT=host:port (the same on every node)" >&2; exit 2
 fi
+
+case "$EXPORT" in
+    auto) if "$PYTHON" -c 'import onnx, onnxruntime' 2>/dev/null; then EXPORT=true; else EXPORT=false; fi ;;
+    true | false) ;;
+    *) echo "EXPORT must be auto, true or false, got '$EXPORT'" >&2; exit 2 ;;
+esac
 
 case "$NO_RESUME" in
     true) RESUME_FLAG=(--no-resume) ;;
@@ -101,7 +111,15 @@ run_probes random "$OUTPUT_DIR/eval/final/random"
 echo "== summary (teacher of $LAST_EVAL vs random initialisation)"
 "$PYTHON" -m dinov2.eval.summary \
     --eval-dir "$OUTPUT_DIR/eval/final/teacher" --baseline-dir "$OUTPUT_DIR/eval/final/random"
+CLASSIFIER="$OUTPUT_DIR/eval/final/teacher/linear_classifier.pth"
+if [[ "$EXPORT" == true ]]; then
+    echo "== ONNX export of the teacher and its linear probe, checked against torch on $TEST_SPLIT"
+    "$PYTHON" -m dinov2.eval.export --config-file "$EVAL_CONFIG" --pretrained-weights "$TEACHER" \
+        --classifier "$CLASSIFIER" --check-datasets "$TEST_SPLIT" --output-dir "$OUTPUT_DIR/export"
+else
+    echo "== ONNX export skipped (EXPORT=false, or onnx / onnxruntime not installed: pip install -e '.[export]')"
+fi
 echo "== to score new images with the teacher and its linear probe (README: Scoring new images):"
 echo "$PYTHON -m dinov2.eval.predict --config-file $EVAL_CONFIG --pretrained-weights $TEACHER" \
-    "--classifier $OUTPUT_DIR/eval/final/teacher/linear_classifier.pth --datasets BBU:root=<root>:annotation_file=<json>" \
+    "--classifier $CLASSIFIER --datasets BBU:root=<root>:annotation_file=<json>" \
     "--output-dir <dir>"

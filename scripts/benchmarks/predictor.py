@@ -1,6 +1,8 @@
 """Production scoring latency: one `dinov2.eval.predictor.Predictor.score` call per device, i.e. decoding its
 `--images-per-device` photos with the probes' eval transform, the backbone on them as one batch, the classifier and
-the thresholds; ms per device (mean and median of the timed calls) and images/s, peak memory on CUDA.
+the thresholds; ms per device (mean and median of the timed calls) and images/s, peak memory on CUDA. With
+`--runtime onnx` the same probe is exported (`dinov2.eval.export`) and scored by `OnnxPredictor` (ONNX Runtime, CUDA
+where its build has it): one record per runtime and image size.
 
 Self-contained: a randomly initialised `--arch/--patch-size` backbone (on CUDA when available, in the config's
 teacher dtype there, as the probes) with a random linear classifier over its last class token, scoring synthetic
@@ -21,7 +23,8 @@ from omegaconf import OmegaConf
 from dinov2.configs import dinov2_default_config
 from dinov2.eval.features import feature_source
 from dinov2.eval.linear import LinearClassifier, save_linear_classifier
-from dinov2.eval.predictor import Predictor
+from dinov2.eval import export
+from dinov2.eval.predictor import OnnxPredictor, Predictor
 from dinov2.eval.setup import build_model_for_eval
 
 from .data import parse_size, write_synthetic_jpegs
@@ -37,6 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--crop-size", type=int, default=224, help="eval transform: centre crop")
     parser.add_argument("--draft-reducing-gap", type=float, default=2.0, help="eval transform: 0 = full decode")
     parser.add_argument("--decode-threads", type=int, default=4, help="threads decoding the photos of a call")
+    parser.add_argument("--runtime", nargs="+", choices=("torch", "onnx"), default=["torch"],
+                        help="torch: Predictor; onnx: the exported model in ONNX Runtime")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls")
     parser.add_argument("--iters", type=int, default=10, help="timed calls")
 
@@ -67,43 +72,64 @@ def run(args: argparse.Namespace) -> List[Dict[str, object]]:
         raise SystemExit("--images-per-device and --iters must be >= 1")
     records = []
     with tempfile.TemporaryDirectory() as folder:
-        predictor = Predictor(pretrained_weights="random", decode_threads=args.decode_threads,
-                              **_write_probe(folder, args))
-        device = predictor.device
-        for size in args.image_size:
-            width, height = parse_size(size)
-            photos = os.path.join(folder, size)
+        probe = _write_probe(folder, args)
+        for runtime in args.runtime:
+            predictor = _predictor(runtime, probe, folder, args)
+            records += _time_calls(predictor, runtime, folder, args)
+    return records
+
+
+def _predictor(runtime: str, probe: Dict[str, str], folder: str, args: argparse.Namespace):
+    if runtime == "torch":
+        return Predictor(pretrained_weights="random", decode_threads=args.decode_threads, **probe)
+    output_dir = os.path.join(folder, "onnx")
+    export.run_export(export.get_args_parser().parse_args([
+        "--config-file", probe["config_file"], "--pretrained-weights", "random", "--classifier", probe["classifier"],
+        "--output-dir", output_dir, "--check-images", "2"]))
+    return OnnxPredictor(os.path.join(output_dir, export.MODEL_NAME), decode_threads=args.decode_threads)
+
+
+def _time_calls(predictor, runtime: str, folder: str, args: argparse.Namespace) -> List[Dict[str, object]]:
+    """One record per --image-size: the timed calls of `predictor` on synthetic photos of that size."""
+    records = []
+    device = predictor.device if runtime == "torch" else torch.device(
+        "cuda" if "CUDAExecutionProvider" in predictor.session.get_providers() else "cpu")
+    for size in args.image_size:
+        width, height = parse_size(size)
+        photos = os.path.join(folder, size)
+        count = args.images_per_device * min(args.warmup + args.iters, 4)
+        if not os.path.isdir(photos):  # the same photos for every runtime
             os.makedirs(photos)
-            count = args.images_per_device * min(args.warmup + args.iters, 4)
             write_synthetic_jpegs(photos, width, height, count, seed=0)
-            names = sorted(os.path.join(photos, name) for name in os.listdir(photos))
-            calls = [names[i : i + args.images_per_device] for i in range(0, count, args.images_per_device)]
-            for it in range(args.warmup):
-                predictor.score(calls[it % len(calls)])
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            seconds = []
-            for it in range(args.iters):
-                start = time.perf_counter()
-                predictor.score(calls[(args.warmup + it) % len(calls)])  # returns Python floats: synchronised
-                synchronize(device)
-                seconds.append(time.perf_counter() - start)
-            records.append({
-                "benchmark": "predictor",
-                "arch": args.arch,
-                "patch_size": args.patch_size,
-                "image_size": size,
-                "images_per_device": args.images_per_device,
-                "resize_size": args.resize_size,
-                "crop_size": args.crop_size,
-                "draft_reducing_gap": args.draft_reducing_gap,
-                "decode_threads": args.decode_threads,
-                "device": str(device),
-                "threads": torch.get_num_threads(),
-                "torch": torch.__version__,
-                "ms_per_device": round(1000 * statistics.fmean(seconds), 2),
-                "ms_per_device_median": round(1000 * statistics.median(seconds), 2),
-                "images_per_s": round(args.iters * args.images_per_device / sum(seconds), 2),
-                "peak_memory_mib": peak_memory_mib(device),
-            })
+        names = sorted(os.path.join(photos, name) for name in os.listdir(photos))
+        calls = [names[i : i + args.images_per_device] for i in range(0, count, args.images_per_device)]
+        for it in range(args.warmup):
+            predictor.score(calls[it % len(calls)])
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        seconds = []
+        for it in range(args.iters):
+            start = time.perf_counter()
+            predictor.score(calls[(args.warmup + it) % len(calls)])  # returns Python floats: synchronised
+            synchronize(device)
+            seconds.append(time.perf_counter() - start)
+        records.append({
+            "benchmark": "predictor",
+            "runtime": runtime,
+            "arch": args.arch,
+            "patch_size": args.patch_size,
+            "image_size": size,
+            "images_per_device": args.images_per_device,
+            "resize_size": args.resize_size,
+            "crop_size": args.crop_size,
+            "draft_reducing_gap": args.draft_reducing_gap,
+            "decode_threads": args.decode_threads,
+            "device": str(device),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "ms_per_device": round(1000 * statistics.fmean(seconds), 2),
+            "ms_per_device_median": round(1000 * statistics.median(seconds), 2),
+            "images_per_s": round(args.iters * args.images_per_device / sum(seconds), 2),
+            "peak_memory_mib": peak_memory_mib(device) if runtime == "torch" else None,  # ONNX Runtime's is its own
+        })
     return records

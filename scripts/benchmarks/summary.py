@@ -172,9 +172,10 @@ def render(records: List[Dict]) -> str:
         parts.append(f"e2e {r['arch']} batch {r['batch_size']}, gpu_augmentation={r['gpu_augmentation']}{side}: "
                      f"{r['images_per_s']:.1f} images/s over {r['logged_iterations']} logged iterations")  # fmt: skip
     for r in by_kind.get("predictor", []):
-        parts.append(f"predictor {r['arch']}/{r['patch_size']}, {r['images_per_device']} photos of {r['image_size']} "
-                     f"per device, {r['decode_threads']} decoding threads, {r['device']}: {r['ms_per_device']:.1f} ms "
-                     f"per device (median {r['ms_per_device_median']:.1f})")  # fmt: skip
+        runtime = r.get("runtime", "torch")  # records before the ONNX runtime have none
+        parts.append(f"predictor {r['arch']}/{r['patch_size']} in {runtime}, {r['images_per_device']} photos of "
+                     f"{r['image_size']} per device, {r['decode_threads']} decoding threads, {r['device']}: "
+                     f"{r['ms_per_device']:.1f} ms per device (median {r['ms_per_device_median']:.1f})")  # fmt: skip
     for r in by_kind.get("smoke", []):
         resumed = "" if r["resumed_at"] is None else f", resumed at iteration {r['resumed_at']}"
         parts.append(f"smoke {r['run']}: trained to iteration {r['last_iteration']}{resumed}, final total loss "

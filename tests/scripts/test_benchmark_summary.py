@@ -64,7 +64,7 @@ def test_render_reads_every_kind_and_names_a_malformed_line(summary, tmp_path):
          "gpu_side_stream": True, "logged_iterations": 6, "images_per_s": 512.345},
         {"benchmark": "e2e", "arch": "vit_small/14", "batch_size": 64, "gpu_augmentation": False,
          "gpu_side_stream": False, "logged_iterations": 6, "images_per_s": 300.0},
-        {"benchmark": "predictor", "arch": "vit_small", "patch_size": 14, "image_size": "4000x3000",
+        {"benchmark": "predictor", "runtime": "onnx", "arch": "vit_small", "patch_size": 14, "image_size": "4000x3000",
          "images_per_device": 3, "decode_threads": 4, "device": "cuda:0", "ms_per_device": 41.26,
          "ms_per_device_median": 40.04},
         {"benchmark": "smoke", "run": "resumed", "last_iteration": 299, "resumed_at": 249, "final_total_loss": 9.1,
@@ -87,8 +87,8 @@ def test_render_reads_every_kind_and_names_a_malformed_line(summary, tmp_path):
     assert ("e2e vit_small/14 batch 64, gpu_augmentation=True, gpu_side_stream=True: 512.3 images/s over 6 logged "
             "iterations") in text  # fmt: skip
     assert "e2e vit_small/14 batch 64, gpu_augmentation=False: 300.0 images/s over 6 logged iterations" in text
-    assert ("predictor vit_small/14, 3 photos of 4000x3000 per device, 4 decoding threads, cuda:0: 41.3 ms per "
-            "device (median 40.0)") in text  # fmt: skip
+    assert ("predictor vit_small/14 in onnx, 3 photos of 4000x3000 per device, 4 decoding threads, cuda:0: 41.3 ms "
+            "per device (median 40.0)") in text  # fmt: skip
     assert ("smoke resumed: trained to iteration 299, resumed at iteration 249, final total loss 9.1, test image "
             "AUROC {'knn': 0.5, 'linear': 0.66, 'log_regression': 0.7}") in text  # fmt: skip
     assert text.endswith("FAILED (exit code 1): scripts/benchmark.py extract --compile")
