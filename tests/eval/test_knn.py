@@ -8,7 +8,7 @@ import pytest
 import torch
 from eval_helpers import cached_feature_set, read_results
 
-from dinov2.eval.knn import _clip_ks, knn_class_probabilities
+from dinov2.eval.knn import KnnHead, _clip_ks, knn_class_probabilities
 
 IMAGE_KEYS = {
     "accuracy", "balanced_accuracy", "precision", "recall", "specificity", "f1", "auroc", "average_precision",
@@ -41,6 +41,22 @@ def test_knn_probabilities_match_brute_force():
         expected = reference_knn(train_x.numpy(), train_y.numpy(), query_x.numpy(), k, 0.1, 3)
         assert probs[k] == pytest.approx(expected, abs=1e-5)
         assert probs[k].sum(axis=1) == pytest.approx(np.ones(4), abs=1e-6)
+
+
+def test_saved_classifier_head_is_the_probe():
+    """KnnHead (the saved classifier in predict, the predictor and the ONNX export) on raw class tokens: the probe's
+    probabilities of the L2-normalised last token; k beyond the training features is refused."""
+    generator = torch.Generator().manual_seed(2)
+    train_x = torch.nn.functional.normalize(torch.randn(10, 6, generator=generator), dim=1)
+    train_y = torch.tensor([0, 1, 1, 0, 2, 0, 1, 2, 2, 0])
+    cls = 3 * torch.randn(5, 2, 6, generator=generator)  # two blocks, unnormalised; the head reads the last
+    head = KnnHead(train_x, train_y, 4, 0.07, 3)
+    expected = knn_class_probabilities(train_x, train_y, torch.nn.functional.normalize(cls[:, -1], dim=1), [4], 0.07,
+                                       3)[4]
+    probs = head(cls, torch.zeros(5, 6))
+    assert probs.dtype == torch.float64 and torch.equal(probs, torch.from_numpy(expected))
+    with pytest.raises(ValueError, match="k = 11 but the classifier holds 10 training features"):
+        KnnHead(train_x, train_y, 11, 0.07, 3)
 
 
 def test_neighbours_closer_than_float32_rounding_are_told_apart():

@@ -26,6 +26,25 @@ def test_classifier_names_follow_upstream():
     assert classifier_name(4, True, 0.1) == "classifier_4_blocks_avgpool_True_lr_0_10000"
 
 
+@pytest.mark.parametrize("n_blocks, avgpool", [(1, False), (4, True)])
+def test_classifier_head_reads_upstreams_linear_input(n_blocks, avgpool):
+    """predict (and so the saved classifier's head): softmax of the classifier on the concatenated class tokens of
+    the last n blocks (+ the mean patch token), computed here by hand; a classifier reading more blocks than were
+    extracted is refused."""
+    generator = torch.Generator().manual_seed(3)
+    cls, patch_mean = torch.randn(6, 4, 5, generator=generator), torch.randn(6, 5, generator=generator)
+    features = FeatureSet("d", cls, patch_mean, np.zeros(6, dtype=np.int64), list("aabbcc"), ["a", "b"] * 3,
+                          ["negative", "positive"])
+    classifier = linear.LinearClassifier(5 * (n_blocks + avgpool), n_blocks, avgpool, 2)
+    x = torch.cat([cls[:, 4 - n_blocks + i] for i in range(n_blocks)] + ([patch_mean] if avgpool else []), dim=1)
+    expected = torch.softmax(x @ classifier.linear.weight.T + classifier.linear.bias, dim=1).double()
+    np.testing.assert_allclose(predict(classifier, features), expected.detach().numpy(), rtol=0, atol=1e-7)
+    one_block = FeatureSet("d", cls[:, -1:], patch_mean, features.labels, features.group_ids, features.img_paths,
+                           features.class_names)
+    with pytest.raises(ValueError, match="the classifier reads 4 blocks, 1 were extracted"):
+        predict(linear.LinearClassifier(20, 4, False, 2), one_block)
+
+
 def test_grid_trains_deterministically_on_cached_features():
     train = toy_features()
     classifiers, grid = train_linear_grid(train, [0.01, 5.0], epochs=2, epoch_length=15, batch_size=8, seed=3)

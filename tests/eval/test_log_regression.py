@@ -6,11 +6,14 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from eval_helpers import cached_feature_set, read_results
 from sklearn.linear_model import LogisticRegression
 
 from dinov2.eval.features import FeatureSet
-from dinov2.eval.log_regression import _held_out_groups, c_grid, classifier_parameters, log_regression_probabilities
+from dinov2.eval.log_regression import (
+    LogRegressionHead, _held_out_groups, c_grid, classifier_parameters, log_regression_probabilities,
+)
 
 
 @pytest.mark.parametrize("classes", [[0, 1], [0, 1, 2], [0, 2]])
@@ -24,6 +27,21 @@ def test_saved_parameters_reproduce_predict_proba(classes):
     assert probs[:, classes] == pytest.approx(model.predict_proba(x), abs=1e-9)
     missing = [c for c in range(3) if c not in classes]
     assert np.all(probs[:, missing] == 0)
+
+
+@pytest.mark.parametrize("train_dtype", ["float64", "float32"])
+def test_saved_classifier_head_is_the_probe(train_dtype):
+    """LogRegressionHead on raw class tokens: the probabilities of the L2-normalised last token in the probe's
+    training dtype, as the probe computes them."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(40, 4))
+    y = rng.integers(0, 2, 40)
+    params = classifier_parameters(LogisticRegression(C=2.0).fit(x, y), 2.0)
+    cls = torch.from_numpy(rng.normal(size=(7, 3, 4)).astype(np.float32))
+    features = torch.nn.functional.normalize(cls[:, -1], dim=1).numpy().astype(train_dtype)
+    probs = LogRegressionHead(params, 2, train_dtype)(cls, torch.zeros(7, 4))
+    assert probs.dtype == torch.float64
+    np.testing.assert_array_equal(probs.numpy(), log_regression_probabilities(params, features, 2))
 
 
 def test_c_grid_is_upstreams_by_default():
