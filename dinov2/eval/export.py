@@ -38,7 +38,7 @@ from dinov2.data import make_dataset
 from dinov2.data.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, make_classification_eval_transform
 from dinov2.eval.features import ProbeFeatureModel, backbone_fingerprint, dataset_image_paths, split_feature_rows
 from dinov2.eval.saved_probe import SavedProbe, check_backbone, load_probe_classifier
-from dinov2.eval.setup import build_model_for_eval, get_args_parser as get_setup_args_parser
+from dinov2.eval.setup import build_model_for_eval, get_classifier_args_parser
 from dinov2.utils.config import get_cfg_from_args, setup
 from dinov2.utils.utils import atomic_write
 
@@ -65,11 +65,7 @@ def get_args_parser(
     parents: Optional[List[argparse.ArgumentParser]] = None,
     add_help: bool = True,
 ) -> argparse.ArgumentParser:
-    parents = [*(parents or []), get_setup_args_parser(parents=None, add_help=False)]
-    parser = argparse.ArgumentParser(description=description, parents=parents, add_help=add_help)
-    parser.add_argument("--classifier", type=str, required=True,
-                        help="knn_classifier.pth, linear_classifier.pth or log_regression_classifier.json written by "
-                        "a probe")
+    parser = get_classifier_args_parser(description, parents, add_help)
     parser.add_argument("--check-datasets", dest="check_dataset_strs", type=str, nargs="*", default=[],
                         help="Images the export is checked on (labels not needed), e.g. the validation split")
     parser.add_argument("--check-images", type=int, default=8,

@@ -32,7 +32,7 @@ from dinov2.eval.features import FeatureSet, setup_feature_store
 from dinov2.eval.metrics import positive_scores
 from dinov2.eval.reports import evaluate_split, group_scores, unique_tag, write_json_atomic, write_predictions
 from dinov2.eval.saved_probe import SavedProbe, check_backbone, load_probe_classifier
-from dinov2.eval.setup import add_inference_arguments, get_args_parser as get_setup_args_parser
+from dinov2.eval.setup import add_inference_arguments, get_classifier_args_parser
 from dinov2.eval.utils import run_on_main_process
 
 logger = logging.getLogger("dinov2")
@@ -45,11 +45,7 @@ def get_args_parser(
     parents: Optional[List[argparse.ArgumentParser]] = None,
     add_help: bool = True,
 ) -> argparse.ArgumentParser:
-    parents = [*(parents or []), get_setup_args_parser(parents=None, add_help=False)]
-    parser = argparse.ArgumentParser(description=description, parents=parents, add_help=add_help)
-    parser.add_argument("--classifier", type=str, required=True,
-                        help="knn_classifier.pth, linear_classifier.pth or log_regression_classifier.json written by "
-                        "a probe")
+    parser = get_classifier_args_parser(description, parents, add_help)
     parser.add_argument("--datasets", dest="dataset_strs", type=str, nargs="+", required=True,
                         help="Datasets to score (labels optional), e.g. BBU:root=R:annotation_file=A")
     parser.add_argument("--batch-size", type=int, default=256, help="Batch size of feature extraction")

@@ -53,6 +53,19 @@ def get_probe_args_parser(
     return parser
 
 
+def get_classifier_args_parser(
+    description: Optional[str], parents: Optional[List[argparse.ArgumentParser]], add_help: bool
+) -> argparse.ArgumentParser:
+    """Start of the parser of a CLI that applies a probe's saved classifier (predict, export): `parents`, the options
+    of `get_args_parser` and --classifier."""
+    parents = [*(parents or []), get_args_parser(parents=None, add_help=False)]
+    parser = argparse.ArgumentParser(description=description, parents=parents, add_help=add_help)
+    parser.add_argument("--classifier", type=str, required=True,
+                        help="knn_classifier.pth, linear_classifier.pth or log_regression_classifier.json written by "
+                        "a probe")
+    return parser
+
+
 def get_autocast_dtype(config: DictConfig) -> torch.dtype:
     """Inference dtype of the teacher backbone from `compute_precision.teacher.backbone.mixed_precision.param_dtype`."""
     teacher_dtype_str = config.compute_precision.teacher.backbone.mixed_precision.param_dtype
