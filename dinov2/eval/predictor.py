@@ -20,7 +20,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from dinov2.data.datasets import ImagePaths
+from dinov2.data.datasets import EncodedImages, ImagePaths
 from dinov2.data.transforms import make_classification_eval_transform
 from dinov2.eval.export import INPUT_NAME, read_metadata
 from dinov2.eval.features import ProbeFeatureModel, backbone_fingerprint, split_feature_rows
@@ -33,7 +33,7 @@ from dinov2.utils.config import get_cfg_from_args
 logger = logging.getLogger("dinov2")
 
 
-class _PhotoScorer:
+class PhotoScorer:
     """Decodes the photos of a call with an eval transform on `decode_threads` threads (Pillow and torch release the
     GIL), scores them as one batch (`_image_scores`) and decides images and groups at the saved thresholds."""
 
@@ -54,26 +54,35 @@ class _PhotoScorer:
         all one device) -> {"images": [{path, group_id, score, positive}], "groups": [{group_id, n_images, score,
         positive}]}: positive-class scores and the decisions at the saved image and group thresholds. A file that
         cannot be read raises `ImageDecodeError` naming it."""
-        if not paths:
+        return self._score(ImagePaths(paths=paths, transform=self.transform), [str(p) for p in paths], group_ids)
+
+    def score_encoded(self, images: Sequence[bytes], names: Optional[Sequence[str]] = None,
+                      group_ids: Optional[Sequence[str]] = None) -> Dict[str, List[Dict]]:
+        """`score` for encoded images in memory (JPEG, PNG, ... bytes); `names` (default "image <i>") stand in for
+        the paths."""
+        names = [f"image {i}" for i in range(len(images))] if names is None else [str(n) for n in names]
+        return self._score(EncodedImages(images=images, names=names, transform=self.transform), names, group_ids)
+
+    def _score(self, dataset, names: List[str], group_ids: Optional[Sequence[str]]) -> Dict[str, List[Dict]]:
+        if not len(dataset):
             raise ValueError("no images to score")
-        group_ids = ["device"] * len(paths) if group_ids is None else [str(g) for g in group_ids]
-        if len(group_ids) != len(paths):
-            raise ValueError(f"{len(paths)} images but {len(group_ids)} group ids")
-        dataset = ImagePaths(paths=paths, transform=self.transform)
+        group_ids = ["device"] * len(dataset) if group_ids is None else [str(g) for g in group_ids]
+        if len(group_ids) != len(dataset):
+            raise ValueError(f"{len(dataset)} images but {len(group_ids)} group ids")
         batch = torch.stack([image for image, _ in self._decoders.map(dataset.__getitem__, range(len(dataset)))])
         scores = self._image_scores(batch)
         image_t, group_t = self.thresholds["image"]["threshold"], self.thresholds["group"]["threshold"]
-        ids, _, g_scores, _ = aggregate_groups(group_ids, np.zeros(len(paths), dtype=np.int64), scores,
+        ids, _, g_scores, _ = aggregate_groups(group_ids, np.zeros(len(names), dtype=np.int64), scores,
                                                self.thresholds["group_aggregation"], image_t)
         return {
-            "images": [{"path": str(path), "group_id": gid, "score": float(score), "positive": bool(score >= image_t)}
-                       for path, gid, score in zip(paths, group_ids, scores)],
+            "images": [{"path": name, "group_id": gid, "score": float(score), "positive": bool(score >= image_t)}
+                       for name, gid, score in zip(names, group_ids, scores)],
             "groups": [{"group_id": gid, "n_images": group_ids.count(gid), "score": float(score),
                         "positive": bool(score >= group_t)} for gid, score in zip(ids, g_scores)],
         }
 
 
-class Predictor(_PhotoScorer):
+class Predictor(PhotoScorer):
     """A backbone and a probe classifier (`knn_classifier.pth`, `linear_classifier.pth` or
     `log_regression_classifier.json`) that score photos in this process; `opts` are config overrides (key=value).
     The backbone runs on CUDA when available, with the config's teacher dtype there, as the probes' extraction."""
@@ -96,7 +105,7 @@ class Predictor(_PhotoScorer):
         return positive_scores(self.saved.score_tokens(*split_feature_rows(rows, self.n_blocks)))
 
 
-class OnnxPredictor(_PhotoScorer):
+class OnnxPredictor(PhotoScorer):
     """A model exported by `dinov2.eval.export` (backbone, classifier and image threshold in one ONNX graph; eval
     transform, group threshold and aggregation in its metadata), run by ONNX Runtime with `providers` (default: CUDA
     where available, else CPU)."""
