@@ -37,6 +37,7 @@ import dinov2.distributed as distributed
 from dinov2.data import make_dataset
 from dinov2.data.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, make_classification_eval_transform
 from dinov2.eval.features import ProbeFeatureModel, backbone_fingerprint, dataset_image_paths, split_feature_rows
+from dinov2.eval.ood import ood_summary
 from dinov2.eval.saved_probe import SavedProbe, check_backbone, load_probe_classifier
 from dinov2.eval.setup import build_model_for_eval, get_classifier_args_parser
 from dinov2.utils.config import get_cfg_from_args, setup
@@ -50,6 +51,7 @@ METADATA_KEY = "dinov2_qc"
 FORMAT_VERSION = 1
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("probabilities", "score", "positive")
+OOD_OUTPUT_NAMES = ("unfamiliarity", "unfamiliar")  # when the classifier has a model of unfamiliar images
 EXPORTERS = ("dynamo", "torchscript")
 EXTERNAL_DATA_BYTES = 1 << 30  # weights from this size on are written beside the graph (ONNX files stop at 2 GB)
 
@@ -80,21 +82,25 @@ def get_args_parser(
 
 
 class ExportedProbe(nn.Module):
-    """Backbone + probe head: normalised images (B, 3, S, S) -> probabilities (B, C), score (B,), positive (B,)."""
+    """Backbone + probe head: normalised images (B, 3, S, S) -> probabilities (B, C), score (B,), positive (B,), and
+    with the classifier's model of unfamiliar images unfamiliarity (B,), unfamiliar (B,)."""
 
     def __init__(self, backbone: nn.Module, saved: SavedProbe):
         super().__init__()
         self.n_blocks = saved.head.n_blocks
         self.features = ProbeFeatureModel(backbone, self.n_blocks, contextlib.nullcontext)
         self.head = saved.head
+        self.ood = saved.ood
+        self.output_names = OUTPUT_NAMES + (OOD_OUTPUT_NAMES if self.ood is not None else ())
         self.register_buffer("image_threshold", torch.tensor(float(saved.thresholds["image"]["threshold"]),
                                                              dtype=torch.float64))
 
-    def forward(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, images: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         cls, patch_mean = split_feature_rows(self.features(images), self.n_blocks)
         probabilities = self.head(cls, patch_mean)
         score = 1.0 - probabilities[:, 0]
-        return probabilities, score, score >= self.image_threshold
+        outputs = (probabilities, score, score >= self.image_threshold)
+        return outputs if self.ood is None else outputs + self.ood(cls)
 
 
 def bake_pos_embed(backbone: nn.Module, image_size: int) -> None:
@@ -107,8 +113,8 @@ def bake_pos_embed(backbone: nn.Module, image_size: int) -> None:
     backbone.pos_embed = nn.Parameter(pos_embed.detach().clone(), requires_grad=False)
 
 
-def export_metadata(saved: SavedProbe, config_file: str, pretrained_weights: str, exporter: str,
-                    opset: int) -> Dict[str, object]:
+def export_metadata(saved: SavedProbe, output_names: Tuple[str, ...], config_file: str, pretrained_weights: str,
+                    exporter: str, opset: int) -> Dict[str, object]:
     """What a runtime needs beside the graph (stored in the ONNX file and in model.json)."""
     source = saved.source
     with open(saved.path, "rb") as f:
@@ -123,7 +129,8 @@ def export_metadata(saved: SavedProbe, config_file: str, pretrained_weights: str
                            "std": list(IMAGENET_DEFAULT_STD)},
         "input": {"name": INPUT_NAME, "shape": ["batch", 3, transform["crop_size"], transform["crop_size"]],
                   "dtype": "float32"},
-        "outputs": list(OUTPUT_NAMES),
+        "outputs": list(output_names),
+        "ood": ood_summary(saved.ood_params),
         "backbone_sha256": source["backbone_sha256"],
         "pretrained_weights": pretrained_weights,
         "config_file": config_file,
@@ -135,8 +142,8 @@ def export_metadata(saved: SavedProbe, config_file: str, pretrained_weights: str
     }
 
 
-def _torch_onnx_export(module: nn.Module, example: torch.Tensor, path: str, exporter: str, opset: int) -> None:
-    kwargs = {"input_names": [INPUT_NAME], "output_names": list(OUTPUT_NAMES), "opset_version": opset}
+def _torch_onnx_export(module: ExportedProbe, example: torch.Tensor, path: str, exporter: str, opset: int) -> None:
+    kwargs = {"input_names": [INPUT_NAME], "output_names": list(module.output_names), "opset_version": opset}
     has_dynamo = "dynamo" in torch.onnx.export.__code__.co_varnames  # torch >= 2.5
     if exporter == "dynamo" and not has_dynamo:
         raise ValueError(f"--exporter dynamo needs torch >= 2.5 (this is {torch.__version__}): use torchscript")
@@ -145,7 +152,7 @@ def _torch_onnx_export(module: nn.Module, example: torch.Tensor, path: str, expo
         torch.onnx.export(module, (example,), path, dynamo=True, dynamic_shapes={"images": {0: batch}},
                           verbose=False, **kwargs)
     else:
-        dynamic_axes = {name: {0: "batch"} for name in (INPUT_NAME, *OUTPUT_NAMES)}
+        dynamic_axes = {name: {0: "batch"} for name in (INPUT_NAME, *module.output_names)}
         if has_dynamo:
             kwargs["dynamo"] = False
         torch.onnx.export(module, (example,), path, dynamic_axes=dynamic_axes, **kwargs)
@@ -224,26 +231,30 @@ def check_export(args: argparse.Namespace, module: ExportedProbe, path: str, met
 
     session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
     transform = make_classification_eval_transform(**args.eval_transform)
-    worst, worst_name, n_images, flips = 0.0, None, 0, []
+    worst, worst_name, worst_ood, n_images, flips = 0.0, None, None, 0, []
     for images, names in _check_batches(args, transform, metadata["input"]["shape"][-1]):
         with torch.no_grad():
-            _, reference, reference_positive = module(images)
-        _, score, positive = session.run(list(OUTPUT_NAMES), {INPUT_NAME: images.numpy()})
-        diff = np.abs(score - reference.numpy())
+            reference = [out.numpy() for out in module(images)]
+        outputs = session.run(list(module.output_names), {INPUT_NAME: images.numpy()})
+        (_, score, positive, *ood), (_, reference_score, reference_positive, *reference_ood) = outputs, reference
+        diff = np.abs(score - reference_score)
         if len(diff) and diff.max() > worst:
             worst, worst_name = float(diff.max()), names[int(diff.argmax())]
+        if ood and len(diff):
+            worst_ood = max(worst_ood or 0.0, float(np.abs(ood[0] - reference_ood[0]).max()))
         flips += [{"image": name, "torch_score": float(t), "onnx_score": float(o)}
-                  for name, o, t, a, b in zip(names, score, reference.numpy(), positive, reference_positive.numpy())
-                  if a != b]
+                  for name, o, t, a, b in zip(names, score, reference_score, positive, reference_positive) if a != b]
         n_images += len(images)
     if n_images == 0:
         raise ValueError(f"no check images: {args.check_dataset_strs} are empty")
     record = {"images": args.check_dataset_strs or f"{args.check_images} seeded random images",
-              "n_images": n_images, "max_abs_score_diff": worst, "worst_image": worst_name, "tolerance": args.tolerance,
-              "decisions_differ": flips, "onnxruntime": onnxruntime.__version__}
-    if worst > args.tolerance:
-        raise RuntimeError(f"{path}: ONNX Runtime's score of {worst_name} differs from torch's by {worst:.3g} "
-                           f"(> --tolerance {args.tolerance}); the export is not kept")
+              "n_images": n_images, "max_abs_score_diff": worst, "worst_image": worst_name,
+              "max_abs_unfamiliarity_diff": worst_ood, "tolerance": args.tolerance, "decisions_differ": flips,
+              "onnxruntime": onnxruntime.__version__}
+    if worst > args.tolerance or (worst_ood or 0.0) > args.tolerance:
+        raise RuntimeError(f"{path}: ONNX Runtime's score of {worst_name} differs from torch's by {worst:.3g}, its "
+                           f"unfamiliarity by up to {worst_ood} (> --tolerance {args.tolerance}); the export is not "
+                           "kept")
     if flips:  # the two scores lie within the tolerance, on either side of the threshold: a score at the threshold
         logger.warning(f"{len(flips)} image decisions differ between ONNX Runtime and torch: their scores are equal to "
                        f"rounding and on either side of the image threshold {module.image_threshold.item()}: {flips}")
@@ -271,7 +282,8 @@ def run_export(args: argparse.Namespace) -> Dict[str, object]:
     crop_size = int(args.eval_transform["crop_size"])
     bake_pos_embed(backbone, crop_size)
     module = ExportedProbe(backbone, saved).eval()
-    metadata = export_metadata(saved, args.config_file, args.pretrained_weights, args.exporter, args.opset)
+    metadata = export_metadata(saved, module.output_names, args.config_file, args.pretrained_weights, args.exporter,
+                               args.opset)
     os.makedirs(args.output_dir, exist_ok=True)
     model_path = os.path.join(args.output_dir, MODEL_NAME)
     files = write_onnx(module, crop_size, model_path, metadata, args.exporter, args.opset)

@@ -40,6 +40,7 @@ logger = logging.getLogger("dinov2")
 
 CACHE_FORMAT_VERSION = 1
 MAX_BLOCKS = 4
+HELD_OUT_FRACTION = 0.1  # of the groups of each label, see held_out_groups
 # Number of extractions (cache misses) per dataset string in this process: the cache tests read it.
 EXTRACTION_COUNTS: Counter = Counter()
 
@@ -130,6 +131,25 @@ def linear_input(cls: torch.Tensor, patch_mean: torch.Tensor, n_last_blocks: int
     if avgpool:
         parts.append(patch_mean)
     return torch.cat(parts, dim=1).float()
+
+
+def held_out_groups(train: FeatureSet, seed: int) -> Tuple[np.ndarray, np.ndarray]:
+    """(fit indices, held-out indices) of a labelled split: a seeded random HELD_OUT_FRACTION of the groups of each
+    group label (group label = max image label), at least one per label when the label has two or more groups, so
+    that both sides see every label where possible and no group is on both sides."""
+    groups = np.asarray(train.group_ids)
+    group_label: Dict[str, int] = {}
+    for gid, label in zip(groups, train.labels):
+        group_label[gid] = max(group_label.get(gid, label), int(label))
+    rng = np.random.default_rng(seed)
+    held: List[str] = []
+    for label in sorted(set(group_label.values())):
+        members = sorted(g for g, lab in group_label.items() if lab == label)
+        if len(members) >= 2:
+            n_held = min(len(members) - 1, max(1, int(round(HELD_OUT_FRACTION * len(members)))))
+            held += rng.choice(members, size=n_held, replace=False).tolist()
+    mask = np.isin(groups, held)
+    return np.flatnonzero(~mask), np.flatnonzero(mask)
 
 
 class ProbeFeatureModel(nn.Module):

@@ -25,6 +25,7 @@ from torch import nn
 import dinov2.distributed as distributed
 from dinov2.eval.features import FeatureSet, setup_feature_store
 from dinov2.eval.metrics import SELECTION_METRICS, selection_score
+from dinov2.eval.ood import fit_ood
 from dinov2.eval.reports import evaluate_split, results_header, write_json_atomic, write_results
 from dinov2.eval.setup import add_qc_arguments, get_probe_args_parser
 from dinov2.eval.thresholds import choose_thresholds
@@ -164,7 +165,8 @@ def eval_knn(args: argparse.Namespace, train: FeatureSet, val: FeatureSet) -> Di
     )
     classifier = {"train_features": train_x, "train_labels": train_y, "k": best_k, "temperature": args.temperature,
                   "class_names": train.class_names, "thresholds": thresholds[best_k],
-                  "train_dataset": train.dataset_str, "features": train.source}
+                  "train_dataset": train.dataset_str, "features": train.source,
+                  "ood": fit_ood(train, args.ood_components, args.ood_quantile)}
     atomic_write(os.path.join(args.output_dir, CLASSIFIER_NAME), lambda f: torch.save(classifier, f))
     results = results_header(args, "knn", train, settings, thresholds[best_k])
     val_x = val.normalized_cls()

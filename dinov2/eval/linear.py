@@ -24,6 +24,7 @@ from torch import nn
 import dinov2.distributed as distributed
 from dinov2.eval.features import FeatureSet, linear_input, setup_feature_store
 from dinov2.eval.metrics import SELECTION_METRICS, selection_score
+from dinov2.eval.ood import fit_ood
 from dinov2.eval.reports import evaluate_split, results_header, unique_tag, write_results
 from dinov2.eval.setup import add_qc_arguments, get_probe_args_parser
 from dinov2.eval.thresholds import choose_thresholds
@@ -231,7 +232,7 @@ def eval_linear(args: argparse.Namespace, train: FeatureSet, val: FeatureSet, te
     save_linear_classifier(os.path.join(args.output_dir, CHECKPOINT_NAME), best,
                            {"name": best_name, "settings": settings, "thresholds": thresholds,
                             "class_names": train.class_names, "train_dataset": train.dataset_str,
-                            "features": train.source})
+                            "features": train.source, "ood": fit_ood(train, args.ood_components, args.ood_quantile)})
     results = results_header(args, "linear", train, settings, thresholds)
     results["grid"] = val_scores
     val_top1 = evaluate_split(args.output_dir, "linear", val, predict(best, val), thresholds, args.fpr_target,

@@ -15,7 +15,7 @@ saw part of that data) and saved with the coefficients and the features' source 
 import argparse
 import logging
 import os
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -24,8 +24,9 @@ from sklearn.linear_model import LogisticRegression
 from torch import nn
 
 import dinov2.distributed as distributed
-from dinov2.eval.features import FeatureSet, setup_feature_store
+from dinov2.eval.features import FeatureSet, held_out_groups, setup_feature_store
 from dinov2.eval.metrics import SELECTION_METRICS, selection_score
+from dinov2.eval.ood import fit_ood
 from dinov2.eval.reports import evaluate_split, results_header, unique_tag, write_json_atomic, write_results
 from dinov2.eval.setup import add_qc_arguments, get_probe_args_parser
 from dinov2.eval.thresholds import choose_thresholds
@@ -33,7 +34,6 @@ from dinov2.eval.utils import run_on_main_process
 
 logger = logging.getLogger("dinov2")
 
-HELD_OUT_FRACTION = 0.1
 CLASSIFIER_NAME = "log_regression_classifier.json"
 
 try:
@@ -135,25 +135,6 @@ class LogRegressionHead(nn.Module):
         return self.probabilities(F.normalize(cls[:, -1], dim=1, p=2).to(self.train_dtype))
 
 
-def _held_out_groups(train: FeatureSet, seed: int) -> Tuple[np.ndarray, np.ndarray]:
-    """(fit indices, held-out indices): a seeded random 10% of the groups of each group label (group label = max
-    image label), at least one per label when the label has two or more groups, so that both sides see every label
-    where possible and no group is on both sides."""
-    groups = np.asarray(train.group_ids)
-    group_label: Dict[str, int] = {}
-    for gid, label in zip(groups, train.labels):
-        group_label[gid] = max(group_label.get(gid, label), int(label))
-    rng = np.random.default_rng(seed)
-    held: List[str] = []
-    for label in sorted(set(group_label.values())):
-        members = sorted(g for g, lab in group_label.items() if lab == label)
-        if len(members) >= 2:
-            n_held = min(len(members) - 1, max(1, int(round(HELD_OUT_FRACTION * len(members)))))
-            held += rng.choice(members, size=n_held, replace=False).tolist()
-    mask = np.isin(groups, held)
-    return np.flatnonzero(~mask), np.flatnonzero(mask)
-
-
 def _features(split: FeatureSet, dtype: str) -> np.ndarray:
     return split.normalized_cls().numpy().astype(dtype)
 
@@ -176,7 +157,7 @@ def eval_log_regression(
         logger.warning("--finetune-on-val: C and thresholds are chosen on the validation split it is evaluated on")
         fit_x, fit_y, selection, chosen_on = x_train, train.labels, val, val.dataset_str
     else:
-        fit_idx, held_idx = _held_out_groups(train, args.seed)
+        fit_idx, held_idx = held_out_groups(train, args.seed)
         fit_x, fit_y, selection = x_train[fit_idx], train.labels[fit_idx], train.subset(held_idx)
         chosen_on = f"{train.dataset_str} (held-out {len(np.unique(selection.group_ids))} groups)"
     selection_x = _features(selection, args.train_dtype)
@@ -205,7 +186,7 @@ def eval_log_regression(
     write_json_atomic(os.path.join(args.output_dir, CLASSIFIER_NAME),
                       {**params, "feature": "l2-normalised CLS token", "class_names": train.class_names,
                        "train_dataset": train.dataset_str, "thresholds": thresholds, "settings": settings,
-                       "features": train.source})
+                       "features": train.source, "ood": fit_ood(train, args.ood_components, args.ood_quantile)})
     results = results_header(args, "log_regression", train, settings, thresholds)
     results["grid"] = {f"{c:.6g}": s for c, s in scores.items()}
     results["best_C"] = best_c

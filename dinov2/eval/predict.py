@@ -26,11 +26,15 @@ import os
 from typing import Dict, List, Optional
 
 import numpy as np
+import torch
 
 import dinov2.distributed as distributed
 from dinov2.eval.features import FeatureSet, setup_feature_store
 from dinov2.eval.metrics import positive_scores
-from dinov2.eval.reports import evaluate_split, group_scores, unique_tag, write_json_atomic, write_predictions
+from dinov2.eval.ood import ood_summary
+from dinov2.eval.reports import (
+    evaluate_split, group_scores, unique_tag, write_csv_atomic, write_json_atomic, write_predictions,
+)
 from dinov2.eval.saved_probe import SavedProbe, check_backbone, load_probe_classifier
 from dinov2.eval.setup import add_inference_arguments, get_classifier_args_parser
 from dinov2.eval.utils import run_on_main_process
@@ -83,6 +87,7 @@ def score_dataset(
         "n_positive_images": int((scores >= thresholds["image"]["threshold"]).sum()),
         "n_groups": len(group_ids),
         "n_positive_groups": int((g_scores >= thresholds["group"]["threshold"]).sum()),
+        **unfamiliar_images(output_dir, saved, features, tag),
     }
     logger.info(f"{features.dataset_str}: {saved.probe} decides {counts['n_positive_images']} of {counts['n_images']} "
                 f"images and {counts['n_positive_groups']} of {counts['n_groups']} groups positive (not "
@@ -90,6 +95,25 @@ def score_dataset(
     if not len(features):
         logger.warning(f"{features.dataset_str} is empty: nothing to score")
     return {"tag": tag, **counts, **entry}
+
+
+def unfamiliar_images(output_dir: str, saved: SavedProbe, features: FeatureSet, tag: str) -> Dict[str, object]:
+    """`unfamiliarity_<probe>_<tag>.csv` (every image's unfamiliarity and flag, dinov2/eval/ood.py) and the count and
+    names of the unfamiliar images; None values without a model of them in the classifier."""
+    if saved.ood is None:
+        return {"n_unfamiliar_images": None, "unfamiliar_images": None}
+    with torch.inference_mode():
+        unfamiliarity, unfamiliar = (t.numpy() for t in saved.ood(features.cls))
+    name = f"unfamiliarity_{saved.probe}_{tag}.csv"
+    write_csv_atomic(os.path.join(output_dir, name), ["img_path", "group_id", "unfamiliarity", "unfamiliar"],
+                     [[path, gid, float(u), int(flag)] for path, gid, u, flag
+                      in zip(features.img_paths, features.group_ids, unfamiliarity, unfamiliar)])
+    flagged = [path for path, flag in zip(features.img_paths, unfamiliar) if flag]
+    if flagged:
+        logger.warning(f"{features.dataset_str}: {len(flagged)} of {len(features)} images are unfamiliar (unlike the "
+                       f"classifier's training images; expected about {1 - saved.ood_params['quantile']:.0%} of "
+                       f"familiar ones): their scores are not to be trusted; see {name}")
+    return {"n_unfamiliar_images": len(flagged), "unfamiliar_images": flagged}
 
 
 def write_all_predictions(args: argparse.Namespace, saved: SavedProbe, splits: List[FeatureSet]) -> Dict[str, object]:
@@ -102,6 +126,7 @@ def write_all_predictions(args: argparse.Namespace, saved: SavedProbe, splits: L
         "eval_transform": saved.source["eval_transform"],
         "class_names": saved.class_names,
         "thresholds": saved.thresholds,
+        "ood": ood_summary(saved.ood_params),
         "fpr_target": args.fpr_target,
         "datasets": {},
     }

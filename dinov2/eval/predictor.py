@@ -15,7 +15,7 @@ of a call.
 import argparse
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -37,23 +37,27 @@ class PhotoScorer:
     """Decodes the photos of a call with an eval transform on `decode_threads` threads (Pillow and torch release the
     GIL), scores them as one batch (`_image_scores`) and decides images and groups at the saved thresholds."""
 
-    def __init__(self, eval_transform: Dict[str, object], thresholds: Dict[str, object], decode_threads: int) -> None:
+    def __init__(self, eval_transform: Dict[str, object], thresholds: Dict[str, object], decode_threads: int,
+                 ood_threshold: Optional[float]) -> None:
         if decode_threads < 1:
             raise ValueError(f"decode_threads must be >= 1, got {decode_threads}")
         self.thresholds = thresholds
+        self.ood_threshold = ood_threshold  # None: the classifier has no model of unfamiliar images
         self.transform = make_classification_eval_transform(
             **{key: eval_transform[key] for key in ("resize_size", "crop_size", "draft_reducing_gap")})
         self._decoders = ThreadPoolExecutor(decode_threads, thread_name_prefix="predictor-decode")
 
-    def _image_scores(self, batch: torch.Tensor) -> np.ndarray:
-        """Positive-class scores (N,) of a batch of transformed images."""
+    def _image_scores(self, batch: torch.Tensor) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+        """Positive-class scores (N,) and unfamiliarity (N,) (None without a model of it, dinov2/eval/ood.py) of a
+        batch of transformed images."""
         raise NotImplementedError
 
     def score(self, paths: Sequence[str], group_ids: Optional[Sequence[str]] = None) -> Dict[str, List[Dict]]:
         """Score the image files `paths` (one device's photos, or several devices' with their `group_ids`; default:
-        all one device) -> {"images": [{path, group_id, score, positive}], "groups": [{group_id, n_images, score,
-        positive}]}: positive-class scores and the decisions at the saved image and group thresholds. A file that
-        cannot be read raises `ImageDecodeError` naming it."""
+        all one device) -> {"images": [{path, group_id, score, positive, unfamiliarity, unfamiliar}], "groups":
+        [{group_id, n_images, score, positive, n_unfamiliar}]}: positive-class scores and the decisions at the saved
+        image and group thresholds; the unfamiliarity of each photo and whether it is beyond the saved threshold
+        (None without a model of it). A file that cannot be read raises `ImageDecodeError` naming it."""
         return self._score(ImagePaths(paths=paths, transform=self.transform), [str(p) for p in paths], group_ids)
 
     def score_encoded(self, images: Sequence[bytes], names: Optional[Sequence[str]] = None,
@@ -70,16 +74,23 @@ class PhotoScorer:
         if len(group_ids) != len(dataset):
             raise ValueError(f"{len(dataset)} images but {len(group_ids)} group ids")
         batch = torch.stack([image for image, _ in self._decoders.map(dataset.__getitem__, range(len(dataset)))])
-        scores = self._image_scores(batch)
+        scores, unfamiliarity = self._image_scores(batch)
         image_t, group_t = self.thresholds["image"]["threshold"], self.thresholds["group"]["threshold"]
         ids, _, g_scores, _ = aggregate_groups(group_ids, np.zeros(len(names), dtype=np.int64), scores,
                                                self.thresholds["group_aggregation"], image_t)
-        return {
-            "images": [{"path": name, "group_id": gid, "score": float(score), "positive": bool(score >= image_t)}
-                       for name, gid, score in zip(names, group_ids, scores)],
-            "groups": [{"group_id": gid, "n_images": group_ids.count(gid), "score": float(score),
-                        "positive": bool(score >= group_t)} for gid, score in zip(ids, g_scores)],
-        }
+        if unfamiliarity is None:
+            ood = [(None, None)] * len(names)
+        else:
+            ood = [(float(u), bool(u > self.ood_threshold)) for u in unfamiliarity]
+        images = [{"path": name, "group_id": gid, "score": float(score), "positive": bool(score >= image_t),
+                   "unfamiliarity": u, "unfamiliar": flag}
+                  for name, gid, score, (u, flag) in zip(names, group_ids, scores, ood)]
+        groups = [{"group_id": gid, "n_images": group_ids.count(gid), "score": float(score),
+                   "positive": bool(score >= group_t),
+                   "n_unfamiliar": None if unfamiliarity is None else sum(
+                       bool(image["unfamiliar"]) for image in images if image["group_id"] == gid)}
+                  for gid, score in zip(ids, g_scores)]
+        return {"images": images, "groups": groups}
 
 
 class Predictor(PhotoScorer):
@@ -90,7 +101,9 @@ class Predictor(PhotoScorer):
     def __init__(self, config_file: str, pretrained_weights: str, classifier: str, opts: Sequence[str] = (),
                  decode_threads: int = 4) -> None:
         self.saved = load_probe_classifier(classifier)
-        super().__init__(self.saved.source["eval_transform"], self.saved.thresholds, decode_threads)
+        self.ood = self.saved.ood
+        super().__init__(self.saved.source["eval_transform"], self.saved.thresholds, decode_threads,
+                         None if self.ood is None else float(self.ood.threshold))
         config = get_cfg_from_args(argparse.Namespace(config_file=config_file, opts=list(opts)))
         model = build_model_for_eval(config, pretrained_weights)
         check_backbone(self.saved, backbone_fingerprint(model), pretrained_weights)
@@ -99,10 +112,12 @@ class Predictor(PhotoScorer):
         self.n_blocks = self.saved.head.n_blocks
         self.feature_model = ProbeFeatureModel(model, self.n_blocks, make_autocast_ctx(autocast_dtype, self.device))
 
-    def _image_scores(self, batch: torch.Tensor) -> np.ndarray:
+    def _image_scores(self, batch: torch.Tensor) -> Tuple[np.ndarray, Optional[np.ndarray]]:
         with torch.inference_mode():
             rows = self.feature_model(batch.to(self.device)).float().cpu()
-        return positive_scores(self.saved.score_tokens(*split_feature_rows(rows, self.n_blocks)))
+            cls, patch_mean = split_feature_rows(rows, self.n_blocks)
+            unfamiliarity = None if self.ood is None else self.ood.unfamiliarity(cls).numpy()
+        return positive_scores(self.saved.score_tokens(cls, patch_mean)), unfamiliarity
 
 
 class OnnxPredictor(PhotoScorer):
@@ -114,13 +129,18 @@ class OnnxPredictor(PhotoScorer):
         import onnxruntime
 
         self.metadata = read_metadata(model_path)
-        super().__init__(self.metadata["eval_transform"], self.metadata["thresholds"], decode_threads)
+        ood = self.metadata["ood"]
+        super().__init__(self.metadata["eval_transform"], self.metadata["thresholds"], decode_threads,
+                         None if ood is None else ood["threshold"])
         if providers is None:
             providers = [p for p in onnxruntime.get_available_providers()
                          if p in ("CUDAExecutionProvider", "CPUExecutionProvider")]
         self.session = onnxruntime.InferenceSession(model_path, providers=list(providers))
         self.class_names = self.metadata["class_names"]
 
-    def _image_scores(self, batch: torch.Tensor) -> np.ndarray:
-        (scores,) = self.session.run(["score"], {INPUT_NAME: batch.numpy()})
-        return scores
+    def _image_scores(self, batch: torch.Tensor) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+        if self.ood_threshold is None:
+            (scores,) = self.session.run(["score"], {INPUT_NAME: batch.numpy()})
+            return scores, None
+        scores, unfamiliarity = self.session.run(["score", "unfamiliarity"], {INPUT_NAME: batch.numpy()})
+        return scores, unfamiliarity

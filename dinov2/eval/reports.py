@@ -45,7 +45,7 @@ def write_json_atomic(path: str, obj: object) -> None:
     atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2) + "\n"), binary=False)
 
 
-def _write_csv_atomic(path: str, header: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+def write_csv_atomic(path: str, header: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
     def write(f) -> None:
         writer = csv.writer(f)
         writer.writerow(header)
@@ -175,14 +175,14 @@ def write_predictions(
                int(scores[i] >= image_t)]
         rows.append(row + ([float(p) for p in probs[i]] if multiclass else []))
     image_csv = os.path.join(output_dir, f"predictions_{stem}.csv")
-    _write_csv_atomic(image_csv, header, rows)
+    write_csv_atomic(image_csv, header, rows)
     ids, g_labels, g_scores, mixed = groups if groups is not None else group_scores(features, scores, thresholds)
     sizes = Counter(features.group_ids)
     mixed_ids = set(mixed)
     group_rows = [[gid, sizes[gid], int(g_labels[j]), float(g_scores[j]), int(g_scores[j] >= group_t),
                    int(gid in mixed_ids)] for j, gid in enumerate(ids)]
     group_csv = os.path.join(output_dir, f"predictions_{stem}_groups.csv")
-    _write_csv_atomic(group_csv, ["group_id", "n_images", "label", "score", "prediction", "mixed_labels"], group_rows)
+    write_csv_atomic(group_csv, ["group_id", "n_images", "label", "score", "prediction", "mixed_labels"], group_rows)
     return [os.path.basename(image_csv), os.path.basename(group_csv)]
 
 

@@ -7,10 +7,11 @@ refuses a backbone other than the classifier's: its scores would mean nothing.
 """
 
 import dataclasses
+import functools
 import json
 import os
 import pickle
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
@@ -18,6 +19,7 @@ from torch import nn
 
 from dinov2.eval import knn, linear, log_regression
 from dinov2.eval.features import FeatureSet
+from dinov2.eval.ood import OodHead
 
 _LOG_REGRESSION_KEYS = ("coef", "intercept", "classes", "class_names", "thresholds")
 SCORE_CHUNK = 1024  # images scored at once: bounds the k-NN similarity matrix
@@ -41,6 +43,17 @@ class SavedProbe:
     @property
     def thresholds(self) -> Dict[str, object]:
         return self.payload["thresholds"]
+
+    @property
+    def ood_params(self) -> Optional[Dict[str, object]]:
+        """The model of unfamiliar images saved with the classifier (dinov2/eval/ood.py); None in classifiers written
+        before it, or trained on a split with no group to hold out."""
+        return self.payload.get("ood")
+
+    @functools.cached_property
+    def ood(self) -> Optional[OodHead]:
+        """`ood_params` as a module."""
+        return None if self.ood_params is None else OodHead(self.ood_params).eval()
 
     @property
     def source(self) -> Dict[str, object]:

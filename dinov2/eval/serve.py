@@ -7,7 +7,8 @@
                    "group_ids": ["7", "7", ...]}              (group_ids optional: default all one device)
                -> Predictor.score's {"images": [...], "groups": [...]} + "latency_ms"
     GET  /health  -> {"status": "ok", "model": probe, classes, thresholds, backbone SHA-256, eval transform}
-    GET  /stats   -> requests, images and errors served; latency mean and percentiles over the last requests
+    GET  /stats   -> requests, images and errors served; latency mean and percentiles over the last requests; the
+                     share of unfamiliar images among the last images (dinov2/eval/ood.py): the line's drift
 
 Images come as files the service can read (`path`) or in the request (`data`, base64 of the encoded file). A bad
 request (invalid JSON, a missing field, bad base64, an image that cannot be read: named) is answered 400 with
@@ -31,6 +32,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from dinov2.data.datasets import ImageDecodeError
+from dinov2.eval.ood import ood_summary
 from dinov2.eval.predictor import OnnxPredictor, Predictor, PhotoScorer
 from dinov2.eval.setup import get_args_parser as get_setup_args_parser
 from dinov2.logging import setup_logging
@@ -38,6 +40,7 @@ from dinov2.logging import setup_logging
 logger = logging.getLogger("dinov2")
 
 LATENCY_WINDOW = 1000  # requests the latency percentiles are taken over
+UNFAMILIAR_WINDOW = 1000  # images the unfamiliar share is taken over
 
 
 class BadRequest(ValueError):
@@ -62,12 +65,12 @@ def model_summary(predictor: PhotoScorer) -> Dict[str, object]:
     """What /health says about the model: probe, classes, thresholds, backbone and eval transform."""
     if isinstance(predictor, OnnxPredictor):
         meta = predictor.metadata
-        keys = ("probe", "class_names", "thresholds", "backbone_sha256", "eval_transform")
+        keys = ("probe", "class_names", "thresholds", "ood", "backbone_sha256", "eval_transform")
         return {"runtime": "onnxruntime", **{key: meta[key] for key in keys}}
     saved = predictor.saved
     return {"runtime": "torch", "probe": saved.probe, "class_names": saved.class_names,
-            "thresholds": saved.thresholds, "backbone_sha256": saved.source["backbone_sha256"],
-            "eval_transform": saved.source["eval_transform"]}
+            "thresholds": saved.thresholds, "ood": ood_summary(saved.ood_params),
+            "backbone_sha256": saved.source["backbone_sha256"], "eval_transform": saved.source["eval_transform"]}
 
 
 def parse_score_request(body: bytes) -> Tuple[List[Optional[str]], List[Optional[bytes]], List[str],
@@ -111,6 +114,7 @@ class ScoringService:
         self.model = model_summary(predictor)
         self._lock = threading.Lock()
         self._latencies_ms: collections.deque = collections.deque(maxlen=LATENCY_WINDOW)
+        self._unfamiliar: collections.deque = collections.deque(maxlen=UNFAMILIAR_WINDOW)
         self.counts = {"requests": 0, "images": 0, "errors": 0}
 
     def score(self, body: bytes) -> Dict[str, object]:
@@ -130,6 +134,8 @@ class ScoringService:
             self._latencies_ms.append(latency_ms)
             self.counts["requests"] += 1
             self.counts["images"] += len(names)
+            self._unfamiliar.extend(image["unfamiliar"] for image in result["images"]
+                                    if image["unfamiliar"] is not None)
         return {**result, "latency_ms": round(latency_ms, 3)}
 
     def count_error(self) -> None:
@@ -139,13 +145,18 @@ class ScoringService:
     def stats(self) -> Dict[str, object]:
         with self._lock:
             latencies = np.array(self._latencies_ms)
+            unfamiliar = np.array(self._unfamiliar, dtype=bool)
             counts = dict(self.counts)
         figures = {}
         if len(latencies):
             figures = {"mean": float(latencies.mean()), "max": float(latencies.max()),
                        **{f"p{q}": float(np.percentile(latencies, q)) for q in (50, 90, 99)}}
+        ood = self.model["ood"]
         return {**counts, "latency_ms": {k: round(v, 3) for k, v in figures.items()},
-                "latency_window": len(latencies)}
+                "latency_window": len(latencies),
+                "unfamiliar_share": float(unfamiliar.mean()) if len(unfamiliar) else None,
+                "unfamiliar_share_expected": None if ood is None else 1.0 - ood["quantile"],
+                "unfamiliar_window": len(unfamiliar)}
 
 
 def _read(path: str) -> bytes:

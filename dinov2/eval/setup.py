@@ -142,7 +142,25 @@ def add_qc_arguments(parser: argparse.ArgumentParser) -> None:
         default="mean",
         help="How the image scores of one group (device) are combined: mean, max or majority vote",
     )
+    parser.add_argument("--ood-components", type=_non_negative_int, default=32,
+                        help="Unfamiliar images (dinov2/eval/ood.py): principal directions of the training features")
+    parser.add_argument("--ood-quantile", type=_quantile, default=0.99,
+                        help="Unfamiliar images: flagged above this quantile of held-out training images")
     add_inference_arguments(parser)
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _quantile(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return value
 
 
 def add_inference_arguments(parser: argparse.ArgumentParser) -> None:

@@ -13,15 +13,16 @@ import torch
 from eval_helpers import CLASSIFIER_FILES, dataset_str
 
 from dinov2.eval import export
+from dinov2.eval.ood import ood_summary
 from dinov2.eval.predictor import OnnxPredictor, Predictor
 from dinov2.eval.saved_probe import load_probe_classifier
 
-METADATA_KEYS = ["format_version", "probe", "class_names", "thresholds", "eval_transform", "input", "outputs",
+METADATA_KEYS = ["format_version", "probe", "class_names", "thresholds", "eval_transform", "input", "outputs", "ood",
                  "backbone_sha256", "pretrained_weights", "config_file", "classifier", "classifier_sha256", "torch",
                  "exporter", "opset"]
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
-CHECK_KEYS = ["images", "n_images", "max_abs_score_diff", "worst_image", "tolerance", "decisions_differ",
-              "onnxruntime"]
+CHECK_KEYS = ["images", "n_images", "max_abs_score_diff", "worst_image", "max_abs_unfamiliarity_diff", "tolerance",
+              "decisions_differ", "onnxruntime"]
 
 
 def export_args(eval_config, weights, classifier, output_dir, *extra: str):
@@ -55,8 +56,10 @@ def test_onnx_decisions_equal_the_predictor(probe, exported, teacher_run, sample
     assert (result["probe"], result["class_names"], result["thresholds"]) == (probe, saved.class_names,
                                                                               saved.thresholds)
     assert result["backbone_sha256"] == saved.source["backbone_sha256"]
+    assert result["ood"] == ood_summary(saved.ood_params) and result["ood"]["threshold"] > 0
     check = result["check"]
     assert check["n_images"] == 6 and check["max_abs_score_diff"] <= 1e-4
+    assert check["max_abs_unfamiliarity_diff"] <= 1e-4
     threshold = saved.thresholds["image"]["threshold"]
     for flip in check["decisions_differ"]:  # only a score at the threshold, to rounding, may be decided either way
         assert abs(flip["torch_score"] - flip["onnx_score"]) <= check["max_abs_score_diff"]
@@ -72,6 +75,14 @@ def test_onnx_decisions_equal_the_predictor(probe, exported, teacher_run, sample
         assert [r.get("path") for r in onnx_rows] == [r.get("path") for r in torch_rows]
         assert [r["group_id"] for r in onnx_rows] == [r["group_id"] for r in torch_rows]
         assert [r["score"] for r in onnx_rows] == pytest.approx([r["score"] for r in torch_rows], abs=1e-5)
+        if kind == "images":
+            assert [r["unfamiliarity"] for r in onnx_rows] == pytest.approx([r["unfamiliarity"] for r in torch_rows],
+                                                                            abs=1e-5)
+            for o, t in zip(onnx_rows, torch_rows):
+                if abs(t["unfamiliarity"] - result["ood"]["threshold"]) > 1e-5:
+                    assert o["unfamiliar"] == t["unfamiliar"]
+        else:
+            assert [r["n_unfamiliar"] for r in onnx_rows] == [r["n_unfamiliar"] for r in torch_rows]
         threshold = saved.thresholds["image" if kind == "images" else "group"]["threshold"]
         for o, t in zip(onnx_rows, torch_rows):
             if abs(t["score"] - threshold) > 1e-5:
@@ -82,7 +93,7 @@ def test_graph_inputs_outputs_and_metadata(exported):
     output_dir, result = exported["linear"]
     model = onnx.load(str(output_dir / "model.onnx"))
     assert [i.name for i in model.graph.input] == ["images"]
-    assert [o.name for o in model.graph.output] == ["probabilities", "score", "positive"]
+    assert [o.name for o in model.graph.output] == ["probabilities", "score", "positive", "unfamiliarity", "unfamiliar"]
     dims = [d.dim_value or d.dim_param for d in model.graph.input[0].type.tensor_type.shape.dim]
     assert dims[1:] == [3, 64, 64] and isinstance(dims[0], str)  # free batch size, the classifier's crop
     assert "Resize" not in {node.op_type for node in model.graph.node}  # position embedding baked in
@@ -90,11 +101,13 @@ def test_graph_inputs_outputs_and_metadata(exported):
     assert export.read_metadata(str(output_dir / "model.onnx")) == metadata
     session = onnxruntime.InferenceSession(str(output_dir / "model.onnx"), providers=["CPUExecutionProvider"])
     images = torch.randn(5, 3, 64, 64, generator=torch.Generator().manual_seed(1)).numpy()
-    probabilities, score, positive = session.run(None, {"images": images})
+    probabilities, score, positive, unfamiliarity, unfamiliar = session.run(None, {"images": images})
     assert probabilities.shape == (5, 2) and probabilities.dtype == np.float64
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-6)
     np.testing.assert_array_equal(score, 1.0 - probabilities[:, 0])
     np.testing.assert_array_equal(positive, score >= result["thresholds"]["image"]["threshold"])
+    assert unfamiliarity.dtype == np.float64 and np.all(unfamiliarity >= 0)
+    np.testing.assert_array_equal(unfamiliar, unfamiliarity > result["ood"]["threshold"])
 
 
 def test_torchscript_exporter_from_the_command_line(tmp_path, exported, teacher_run, eval_config, teacher_checkpoint):
@@ -155,7 +168,7 @@ def test_a_runtime_that_disagrees_fails_the_export(tmp_path, monkeypatch, teache
     monkeypatch.setattr(onnxruntime.InferenceSession, "run", drifting_run)
     args = export_args(eval_config, teacher_checkpoint, teacher_dir / "knn_classifier.pth", tmp_path, "--check-images",
                        "3")
-    with pytest.raises(RuntimeError, match=r"score of random image \d differs from torch's by 0.01 \(> --tolerance"):
+    with pytest.raises(RuntimeError, match=r"score of random image \d differs from torch.s by 0.01, its unfamiliarity"):
         export.run_export(args)
     assert sorted(p.name for p in tmp_path.iterdir() if p.suffix in (".onnx", ".json")) == []
 

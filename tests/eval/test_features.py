@@ -15,7 +15,7 @@ import dinov2.distributed as distributed
 from dinov2.data import make_dataset
 from dinov2.data.transforms import make_classification_eval_transform
 from dinov2.eval import knn
-from dinov2.eval.features import FeatureSet, FeatureStore, backbone_fingerprint, split_tag
+from dinov2.eval.features import FeatureSet, FeatureStore, backbone_fingerprint, held_out_groups, split_tag
 from dinov2.eval.setup import build_model_for_eval
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -183,3 +183,19 @@ def test_backbone_fingerprint_follows_the_weights_not_the_file(tmp_path, eval_co
         model.blocks[-1].mlp.fc2.bias[0] += 1e-6
     assert backbone_fingerprint(model) != fingerprint
     assert backbone_fingerprint(model.to(torch.bfloat16)) != backbone_fingerprint(model.float())
+
+
+def test_held_out_split_is_group_disjoint_and_stratified():
+    groups = [str(i // 3) for i in range(60)]
+    labels = np.array([int(i // 3 < 5) for i in range(60)])  # groups 0-4 positive, 5-19 negative
+    labels[59] = 1  # a mixed group (19) counts as positive
+    train = FeatureSet("t", None, None, labels, groups, [""] * 60, ["a", "b"])
+    fit, held = held_out_groups(train, seed=0)
+    assert sorted(np.concatenate([fit, held]).tolist()) == list(range(60))
+    held_groups = {groups[i] for i in held}
+    assert not held_groups & {groups[i] for i in fit}
+    # 10% of 6 positive groups -> 1, 10% of 14 negative groups -> 1
+    assert len(held_groups) == 2 and len(held_groups & {"0", "1", "2", "3", "4", "19"}) == 1
+    assert np.array_equal(held, held_out_groups(train, seed=0)[1])
+    single = FeatureSet("t", None, None, np.zeros(3, dtype=np.int64), ["g"] * 3, [""] * 3, ["a", "b"])
+    assert held_out_groups(single, seed=0)[1].tolist() == []

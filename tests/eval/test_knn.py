@@ -113,7 +113,7 @@ def test_knn_results_file(teacher_run, sample_root):
     assert results["thresholds"]["chosen_on"].endswith("(leave-group-out k-NN scores)")
     assert results["random_init"] is False
     classifier = torch.load(output_dir / "knn_classifier.pth", weights_only=True)
-    assert sorted(classifier) == ["class_names", "features", "k", "temperature", "thresholds", "train_dataset",
+    assert sorted(classifier) == ["class_names", "features", "k", "ood", "temperature", "thresholds", "train_dataset",
                                   "train_features", "train_labels"]
     train = cached_feature_set(output_dir, "train")
     assert torch.equal(classifier["train_features"], train.normalized_cls())

@@ -10,9 +10,8 @@ import torch
 from eval_helpers import cached_feature_set, read_results
 from sklearn.linear_model import LogisticRegression
 
-from dinov2.eval.features import FeatureSet
 from dinov2.eval.log_regression import (
-    LogRegressionHead, _held_out_groups, c_grid, classifier_parameters, log_regression_probabilities,
+    LogRegressionHead, c_grid, classifier_parameters, log_regression_probabilities,
 )
 
 
@@ -51,22 +50,6 @@ def test_c_grid_is_upstreams_by_default():
     assert c_grid(argparse.Namespace(c_values=[0.1, 2.0], n_c=45)) == [0.1, 2.0]
     with pytest.raises(ValueError, match="n-c"):
         c_grid(argparse.Namespace(c_values=None, n_c=0))
-
-
-def test_held_out_split_is_group_disjoint_and_stratified():
-    groups = [str(i // 3) for i in range(60)]
-    labels = np.array([int(i // 3 < 5) for i in range(60)])  # groups 0-4 positive, 5-19 negative
-    labels[59] = 1  # a mixed group (19) counts as positive
-    train = FeatureSet("t", None, None, labels, groups, [""] * 60, ["a", "b"])
-    fit, held = _held_out_groups(train, seed=0)
-    assert sorted(np.concatenate([fit, held]).tolist()) == list(range(60))
-    held_groups = {groups[i] for i in held}
-    assert not held_groups & {groups[i] for i in fit}
-    # 10% of 6 positive groups -> 1, 10% of 14 negative groups -> 1
-    assert len(held_groups) == 2 and len(held_groups & {"0", "1", "2", "3", "4", "19"}) == 1
-    assert np.array_equal(held, _held_out_groups(train, seed=0)[1])
-    single = FeatureSet("t", None, None, np.zeros(3, dtype=np.int64), ["g"] * 3, [""] * 3, ["a", "b"])
-    assert _held_out_groups(single, seed=0)[1].tolist() == []
 
 
 def test_log_regression_results_and_classifier(teacher_run, sample_root):

@@ -7,12 +7,14 @@ import os
 import shutil
 
 import pytest
-from eval_helpers import CLASSIFIER_FILES, dataset_str, load_eval_config, read_results
+from eval_helpers import CLASSIFIER_FILES, cached_feature_set, dataset_str, load_eval_config, read_results
 from PIL import Image, ImageOps
 
 import dinov2.distributed as distributed
 from dinov2.eval import predict
 from dinov2.eval.features import EXTRACTION_COUNTS, backbone_fingerprint
+from dinov2.eval.ood import ood_summary
+from dinov2.eval.saved_probe import load_probe_classifier
 from dinov2.eval.setup import build_model_for_eval
 
 
@@ -64,6 +66,16 @@ def test_predictions_equal_the_probes_on_their_test_split(probe, tmp_path, teach
     assert entry["n_positive_images"] == sum(int(r[4]) for r in rows)
     assert entry["n_positive_groups"] == sum(int(r[4]) for r in group_rows)
     assert results["probe"] == probe and results["thresholds"] == read_results(teacher_dir, probe)["thresholds"]
+    saved = load_probe_classifier(str(teacher_dir / CLASSIFIER_FILES[probe]))
+    assert results["ood"] == ood_summary(saved.ood_params)
+    unfamiliarity, unfamiliar = saved.ood(cached_feature_set(teacher_dir, "test").cls)
+    ood_rows = read_csv(tmp_path / f"unfamiliarity_{probe}_test.csv")
+    assert ood_rows[0] == ["img_path", "group_id", "unfamiliarity", "unfamiliar"]
+    assert [r[:2] for r in ood_rows[1:]] == [r[:2] for r in rows]
+    assert [float(r[2]) for r in ood_rows[1:]] == pytest.approx(unfamiliarity.tolist(), abs=1e-6)
+    assert [r[3] for r in ood_rows[1:]] == [str(int(flag)) for flag in unfamiliar]
+    assert entry["n_unfamiliar_images"] == int(unfamiliar.sum())
+    assert entry["unfamiliar_images"] == [r[0] for r in ood_rows[1:] if r[3] == "1"]
     model = build_model_for_eval(load_eval_config(eval_config), str(teacher_checkpoint))
     assert results["backbone_sha256"] == backbone_fingerprint(model)
     assert json.loads((tmp_path / "predictions.json").read_text()) == results
@@ -78,7 +90,8 @@ def test_unlabelled_and_partly_labelled_datasets_get_predictions_only(tmp_path, 
     results = run_predict(eval_config, teacher_checkpoint, teacher_dir / "linear_classifier.pth", tmp_path,
                           unlabelled, partly, empty)
     assert {k: v for k, v in results["datasets"][empty].items() if k.startswith("n_")} == {
-        "n_images": 0, "n_labelled": 0, "n_positive_images": 0, "n_groups": 0, "n_positive_groups": 0}
+        "n_images": 0, "n_labelled": 0, "n_positive_images": 0, "n_groups": 0, "n_positive_groups": 0,
+        "n_unfamiliar_images": 0}
     assert read_csv(tmp_path / "predictions_linear_empty_groups.csv") == [
         ["group_id", "n_images", "label", "score", "prediction", "mixed_labels"]]
     labelled_rows = read_csv(teacher_dir / "predictions_linear_test.csv")

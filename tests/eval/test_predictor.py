@@ -3,10 +3,13 @@
 import csv
 
 import pytest
-from eval_helpers import CLASSIFIER_FILES
+import torch
+from eval_helpers import CLASSIFIER_FILES, cached_feature_set, dataset_str
 
+import dinov2.distributed as distributed
 from dinov2.data.datasets import ImageDecodeError
-from dinov2.eval.predictor import Predictor
+from dinov2.eval import export, predict
+from dinov2.eval.predictor import OnnxPredictor, Predictor
 from dinov2.eval.saved_probe import load_probe_classifier
 
 
@@ -68,3 +71,52 @@ def test_decode_threads_do_not_change_the_scores(teacher_run, sample_root, eval_
     scores = [Predictor(str(eval_config), str(teacher_checkpoint), str(teacher_dir / "linear_classifier.pth"),
                         decode_threads=threads).score(photos) for threads in (1, 3)]
     assert scores[0] == scores[1]
+
+
+def test_unfamiliarity_is_predicts_and_absent_without_a_model(tmp_path, teacher_run, sample_root, eval_config,
+                                                              teacher_checkpoint):
+    """Each photo's unfamiliarity and flag as predict's unfamiliarity CSV; a classifier saved without a model of
+    unfamiliar images (before it existed) scores the same, with None in their place, in the Predictor, predict and
+    the ONNX export."""
+    teacher_dir, _ = teacher_run
+    photos = sorted((sample_root / "test").glob("*/*.jpeg"))
+    groups = [photo.parent.name for photo in photos]
+    classifier = teacher_dir / "linear_classifier.pth"
+    decision = Predictor(str(eval_config), str(teacher_checkpoint), str(classifier)).score(photos, groups)
+    saved = load_probe_classifier(str(classifier))
+    unfamiliarity, unfamiliar = saved.ood(cached_feature_set(teacher_dir, "test").cls)
+    by_path = {str(sample_root / row["img_path"]): i for i, row in enumerate(
+        read_rows(teacher_dir / "predictions_linear_test.csv"))}
+    for image in decision["images"]:
+        i = by_path[image["path"]]
+        assert image["unfamiliarity"] == pytest.approx(float(unfamiliarity[i]), abs=1e-6)
+        assert image["unfamiliar"] == bool(unfamiliar[i])
+    for group in decision["groups"]:
+        assert group["n_unfamiliar"] == sum(image["unfamiliar"] for image in decision["images"]
+                                            if image["group_id"] == group["group_id"])
+
+    payload = torch.load(classifier, weights_only=True)
+    del payload["ood"]
+    older = tmp_path / "linear_classifier.pth"
+    torch.save(payload, older)
+    plain = Predictor(str(eval_config), str(teacher_checkpoint), str(older)).score(photos, groups)
+    assert [i["score"] for i in plain["images"]] == [i["score"] for i in decision["images"]]
+    assert {(i["unfamiliarity"], i["unfamiliar"]) for i in plain["images"]} == {(None, None)}
+    assert {g["n_unfamiliar"] for g in plain["groups"]} == {None}
+    try:
+        results = predict.run_predict(predict.get_args_parser().parse_args([
+            "--config-file", str(eval_config), "--pretrained-weights", str(teacher_checkpoint), "--classifier",
+            str(older), "--datasets", dataset_str(sample_root, "TEST"), "--output-dir", str(tmp_path / "predict"),
+            "--num-workers", "0"]))
+    finally:
+        distributed.disable()
+    entry = results["datasets"][dataset_str(sample_root, "TEST")]
+    assert results["ood"] is None and (entry["n_unfamiliar_images"], entry["unfamiliar_images"]) == (None, None)
+    assert not list((tmp_path / "predict").glob("unfamiliarity_*.csv"))
+    exported = export.run_export(export.get_args_parser().parse_args([
+        "--config-file", str(eval_config), "--pretrained-weights", str(teacher_checkpoint), "--classifier",
+        str(older), "--output-dir", str(tmp_path / "export"), "--check-images", "2"]))
+    assert exported["ood"] is None and exported["outputs"] == ["probabilities", "score", "positive"]
+    assert exported["check"]["max_abs_unfamiliarity_diff"] is None
+    onnx_plain = OnnxPredictor(str(tmp_path / "export" / "model.onnx")).score(photos, groups)
+    assert {(i["unfamiliarity"], i["unfamiliar"]) for i in onnx_plain["images"]} == {(None, None)}

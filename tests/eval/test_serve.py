@@ -11,6 +11,7 @@ import pytest
 from eval_helpers import dataset_str
 
 from dinov2.eval import export, serve
+from dinov2.eval.ood import ood_summary
 from dinov2.eval.predictor import OnnxPredictor, Predictor
 
 
@@ -69,6 +70,7 @@ def test_service_answers_as_the_predictor(running, teacher_run, sample_root, eva
     assert status == 200 and health["status"] == "ok"
     assert health["model"] == {"runtime": "torch", "probe": "linear", "class_names": predictor.saved.class_names,
                                "thresholds": predictor.saved.thresholds,
+                               "ood": ood_summary(predictor.saved.ood_params),
                                "backbone_sha256": predictor.saved.source["backbone_sha256"],
                                "eval_transform": predictor.saved.source["eval_transform"]}
     status, stats = call(base, "/stats")
@@ -76,6 +78,10 @@ def test_service_answers_as_the_predictor(running, teacher_run, sample_root, eva
     assert stats["latency_window"] == 3
     assert list(stats["latency_ms"]) == ["mean", "max", "p50", "p90", "p99"]
     assert stats["latency_ms"]["p50"] <= stats["latency_ms"]["p99"] <= stats["latency_ms"]["max"]
+    served = answer["images"] + sent["images"] + mixed["images"]
+    assert stats["unfamiliar_window"] == len(served) == 2 * len(photos) + 2
+    assert stats["unfamiliar_share"] == pytest.approx(sum(i["unfamiliar"] for i in served) / len(served))
+    assert stats["unfamiliar_share_expected"] == pytest.approx(0.01)
 
 
 def test_bad_requests_are_named_and_the_service_goes_on(tmp_path, running, teacher_run, sample_root, eval_config,
