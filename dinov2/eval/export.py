@@ -158,33 +158,24 @@ def _torch_onnx_export(module: ExportedProbe, example: torch.Tensor, path: str, 
         torch.onnx.export(module, (example,), path, dynamic_axes=dynamic_axes, **kwargs)
 
 
-def write_onnx(module: ExportedProbe, crop_size: int, path: str, metadata: Dict[str, object], exporter: str,
+def write_onnx(module: ExportedProbe, crop_size: int, folder: str, metadata: Dict[str, object], exporter: str,
                opset: int) -> List[str]:
-    """Export `module` for (batch, 3, crop, crop) inputs with `metadata` under METADATA_KEY. Weights of
-    EXTERNAL_DATA_BYTES or more (ONNX files stop at 2 GB: ViT-g) go to `<path>.data` beside it. Each file is renamed
-    into place when complete. Returns the files written."""
+    """Export `module` for (batch, 3, crop, crop) inputs with `metadata` under METADATA_KEY to `folder`/MODEL_NAME;
+    weights of EXTERNAL_DATA_BYTES or more (ONNX files stop at 2 GB: ViT-g) go to MODEL_NAME.data beside it. Returns
+    the file names, weights first."""
     import onnx
 
-    example = torch.zeros(2, 3, crop_size, crop_size)
-    folder = os.path.dirname(os.path.abspath(path))
-    data_name = os.path.basename(path) + ".data"
-    with tempfile.TemporaryDirectory(dir=folder) as tmp:
-        raw = os.path.join(tmp, "raw.onnx")
-        with torch.no_grad():
-            _torch_onnx_export(module, example, raw, exporter, opset)
-        model = onnx.load(raw)
-        del model.metadata_props[:]
-        model.metadata_props.add(key=METADATA_KEY, value=json.dumps(metadata))
-        external = sum(p.numel() * p.element_size() for p in module.state_dict().values()) >= EXTERNAL_DATA_BYTES
-        final = os.path.join(tmp, os.path.basename(path))
-        onnx.save_model(model, final, save_as_external_data=external, all_tensors_to_one_file=True,
-                        location=data_name)
-        written = [data_name, os.path.basename(path)] if external else [os.path.basename(path)]
-        for name in written:  # the weights before the graph that names them
-            os.replace(os.path.join(tmp, name), os.path.join(folder, name))
-    if not external and os.path.exists(os.path.join(folder, data_name)):
-        os.remove(os.path.join(folder, data_name))  # an earlier export's weights
-    return [os.path.join(folder, name) for name in written]
+    raw = os.path.join(folder, "raw.onnx")
+    with torch.no_grad():
+        _torch_onnx_export(module, torch.zeros(2, 3, crop_size, crop_size), raw, exporter, opset)
+    model = onnx.load(raw)
+    del model.metadata_props[:]
+    model.metadata_props.add(key=METADATA_KEY, value=json.dumps(metadata))
+    external = sum(p.numel() * p.element_size() for p in module.state_dict().values()) >= EXTERNAL_DATA_BYTES
+    data_name = MODEL_NAME + ".data"
+    onnx.save_model(model, os.path.join(folder, MODEL_NAME), save_as_external_data=external,
+                    all_tensors_to_one_file=True, location=data_name)
+    return [data_name, MODEL_NAME] if external else [MODEL_NAME]
 
 
 def read_metadata(path: str) -> Dict[str, object]:
@@ -200,7 +191,10 @@ def read_metadata(path: str) -> Dict[str, object]:
     values = [prop.value for prop in model.metadata_props if prop.key == METADATA_KEY]
     if not values:
         raise ValueError(f"{path} has no {METADATA_KEY!r} metadata: not exported by dinov2.eval.export")
-    metadata = json.loads(values[0])
+    try:
+        metadata = json.loads(values[0])
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: its {METADATA_KEY!r} metadata is not JSON ({e})") from None
     if metadata.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: export format {metadata.get('format_version')}, this version reads {FORMAT_VERSION}")
     return metadata
@@ -285,15 +279,16 @@ def run_export(args: argparse.Namespace) -> Dict[str, object]:
     metadata = export_metadata(saved, module.output_names, args.config_file, args.pretrained_weights, args.exporter,
                                args.opset)
     os.makedirs(args.output_dir, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=args.output_dir) as tmp:  # an export that fails its check replaces nothing
+        files = write_onnx(module, crop_size, tmp, metadata, args.exporter, args.opset)
+        check = check_export(args, module, os.path.join(tmp, MODEL_NAME), metadata)
+        for name in files:  # the weights before the graph that names them
+            os.replace(os.path.join(tmp, name), os.path.join(args.output_dir, name))
+    stale = os.path.join(args.output_dir, MODEL_NAME + ".data")
+    if MODEL_NAME + ".data" not in files and os.path.exists(stale):
+        os.remove(stale)  # an earlier export's weights
     model_path = os.path.join(args.output_dir, MODEL_NAME)
-    files = write_onnx(module, crop_size, model_path, metadata, args.exporter, args.opset)
-    try:
-        check = check_export(args, module, model_path, metadata)
-    except Exception:
-        for file in files:
-            os.remove(file)
-        raise
-    result = {**metadata, "files": [os.path.basename(file) for file in files], "check": check}
+    result = {**metadata, "files": files, "check": check}
     atomic_write(os.path.join(args.output_dir, METADATA_NAME), lambda f: f.write(json.dumps(result, indent=2).encode()))
     logger.info(f"wrote {model_path} ({saved.probe} classifier): on {check['n_images']} check images its scores in "
                 f"ONNX Runtime are within {check['max_abs_score_diff']:.2g} of torch's, "
