@@ -12,6 +12,7 @@ neither the config, the weights nor the classifier file. `python scripts/benchma
 of a call.
 """
 
+import abc
 import argparse
 import logging
 from concurrent.futures import ThreadPoolExecutor
@@ -33,7 +34,7 @@ from dinov2.utils.config import get_cfg_from_args
 logger = logging.getLogger("dinov2")
 
 
-class PhotoScorer:
+class PhotoScorer(abc.ABC):
     """Decodes the photos of a call with an eval transform on `decode_threads` threads (Pillow and torch release the
     GIL), scores them as one batch (`_image_scores`) and decides images and groups at the saved thresholds."""
 
@@ -47,10 +48,10 @@ class PhotoScorer:
             **{key: eval_transform[key] for key in ("resize_size", "crop_size", "draft_reducing_gap")})
         self._decoders = ThreadPoolExecutor(decode_threads, thread_name_prefix="predictor-decode")
 
+    @abc.abstractmethod
     def _image_scores(self, batch: torch.Tensor) -> Tuple[np.ndarray, Optional[np.ndarray]]:
         """Positive-class scores (N,) and unfamiliarity (N,) (None without a model of it, dinov2/eval/ood.py) of a
         batch of transformed images."""
-        raise NotImplementedError
 
     def score(self, paths: Sequence[str], group_ids: Optional[Sequence[str]] = None) -> Dict[str, List[Dict]]:
         """Score the image files `paths` (one device's photos, or several devices' with their `group_ids`; default:
