@@ -25,8 +25,9 @@ from .loaders import _parse_dataset_str
 _PRINT_LIMIT = 20
 
 
-def _read_image(path: str, decode: bool) -> Tuple[str, Optional[Tuple[int, int]], str]:
-    """(status, (width, height) or None, message) with status "ok", "missing" or "unreadable"."""
+def read_image(path: str, decode: bool) -> Tuple[str, Optional[Tuple[int, int]], str]:
+    """(status, (width, height) or None, message) with status "ok", "missing" or "unreadable" (decoded when `decode`;
+    also used by `dinov2.data.annotate --check`)."""
     if not os.path.isfile(path):
         return "missing", None, f"image not found: {path}"
     if not decode:
@@ -133,7 +134,7 @@ def _check_images(
     """Read (or only stat) every listed image in threads; returns the decoded sizes."""
     paths = sorted(owners)
     with ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool:
-        results = list(pool.map(lambda p: _read_image(os.path.join(root, p), decode), paths))
+        results = list(pool.map(lambda p: read_image(os.path.join(root, p), decode), paths))
     sizes = []
     for img_path, (status, size, message) in zip(paths, results):
         if status != "ok":

@@ -64,3 +64,34 @@ def test_bad_folders_and_existing_files_are_refused(tmp_path, capsys):
     assert existing.read_text() == "labelled"
     assert main([str(tmp_path), "flat", "--group-from", "name", "--output", "annotations/test.json", "--force"]) == 0
     assert json.loads(existing.read_text())["data_list"] == [{"img_path": "flat/1-0.jpg", "group_id": "1"}]
+
+
+def test_check_leaves_unreadable_images_out_and_lists_them(tmp_path, capsys):
+    make_images(tmp_path / "day2", ["3/3-0.jpeg", "3/3-1.jpeg", "4/4-0.jpeg", "4/4-1.jpeg"])
+    good = (tmp_path / "day2" / "3" / "3-0.jpeg").read_bytes()
+    (tmp_path / "day2" / "3" / "3-1.jpeg").write_bytes(good[: len(good) // 2])  # a truncated camera file
+    (tmp_path / "day2" / "4" / "4-1.jpeg").write_bytes(b"")  # a zero-byte copy
+    assert main([str(tmp_path), "day2", "--check", "--num-workers", "2"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.splitlines()[0] == f"{tmp_path}/annotations/day2.json: 2 images in 2 groups"
+    report = tmp_path / "annotations" / "day2.unreadable.json"
+    assert captured.err.splitlines()[0] == f"2 unreadable images left out, listed in {report}:"
+    content = json.loads((tmp_path / "annotations" / "day2.json").read_text())
+    assert [e["img_path"] for e in content["data_list"]] == ["day2/3/3-0.jpeg", "day2/4/4-0.jpeg"]
+    unreadable = json.loads(report.read_text())
+    assert unreadable["folder"] == "day2"
+    assert [(e["img_path"], e["group_id"]) for e in unreadable["unreadable"]] == [("day2/3/3-1.jpeg", "3"),
+                                                                                  ("day2/4/4-1.jpeg", "4")]
+    assert all(e["problem"].startswith(f"unreadable image: {tmp_path}/day2/") for e in unreadable["unreadable"])
+    # without --check every file is listed; a clean --check run removes the earlier list
+    assert main([str(tmp_path), "day2", "--force"]) == 0
+    assert len(json.loads((tmp_path / "annotations" / "day2.json").read_text())["data_list"]) == 4
+    for name in ("3/3-1.jpeg", "4/4-1.jpeg"):
+        (tmp_path / "day2" / name).write_bytes(good)
+    assert main([str(tmp_path), "day2", "--force", "--check"]) == 0
+    assert not report.exists()
+    for name in ("3/3-0.jpeg", "3/3-1.jpeg", "4/4-0.jpeg", "4/4-1.jpeg"):
+        (tmp_path / "day2" / name).write_bytes(b"junk")
+    with pytest.raises(SystemExit):
+        main([str(tmp_path), "day2", "--force", "--check"])
+    assert "no readable image below" in capsys.readouterr().err
