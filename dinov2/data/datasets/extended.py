@@ -47,8 +47,9 @@ class ExtendedVisionDataset(VisionDataset, metaclass=ABCMeta):
     Lazy decoding: the image is opened with `PIL.Image.open` (header only). A transform with the attribute
     `accepts_unloaded_image = True` receives that unloaded image (it may use JPEG draft mode) and must produce RGB
     itself; otherwise the image is converted to RGB first. A transform with `accepts_encoded_image = True` receives an
-    `EncodedImage` (the bytes and the path) instead, and decodes or forwards them itself. Read/decode errors, also those raised inside the transform,
-    become `ImageDecodeError` (a RuntimeError) naming the sample index and the file.
+    `EncodedImage` (the bytes and the path) instead, and decodes or forwards them itself. Read/decode errors, also
+    those raised inside the transform, become `ImageDecodeError` (a RuntimeError) naming the sample index and the
+    file.
 
     With `skip_bad_images=True` a broken sample is replaced by the next readable index; each replacement is logged as
     a warning and counted in `num_bad_images` (in DataLoader workers each worker counts its own copy).
