@@ -5,19 +5,21 @@
 
 `D/model.onnx` takes `images`, a float32 (B, 3, S, S) batch normalised as the classifier's eval transform (resize the
 short side, centre crop S, ImageNet mean and std), and gives `probabilities` (B, C) and `score` (B,), the
-positive-class score 1 - p(class 0), both float64, and `positive` (B,), the decision at the saved image threshold. The
-batch size is free; S is the classifier's crop size, for which the position embedding is interpolated at export
+positive-class score 1 - p(class 0), both float64, and `positive` (B,), the decision at the saved image threshold;
+with the classifier's model of unfamiliar images (dinov2/eval/ood.py) also `unfamiliarity` (B,) and `unfamiliar` (B,).
+The batch size is free; S is the classifier's crop size, for which the position embedding is interpolated at export
 (no bicubic resize in the graph, which some runtimes mishandle). The backbone runs in float32.
 
 The graph is the maths of `dinov2.eval.predict` and `dinov2.eval.predictor`: the same feature rows and the same probe
 head (dinov2/eval/saved_probe.py), so the scores agree with theirs to float32 rounding. Its metadata (`dinov2_qc`, a
 JSON string, also written to `D/model.json`) carries what a runtime needs beside the graph: class names, image and
-group thresholds with the group aggregation, the eval transform, the backbone's SHA-256 and the classifier it came
-from. `dinov2.eval.predictor.OnnxPredictor` reads it and decides devices as the `Predictor` does.
+group thresholds with the group aggregation, the unfamiliarity threshold, the eval transform, the backbone's SHA-256
+and the classifier it came from. `dinov2.eval.predictor.OnnxPredictor` reads it and decides devices as the `Predictor` does.
 
 Every export is checked before it is kept: ONNX Runtime runs the written file on the `--check-datasets` images (else
 on `--check-images` seeded random ones) and its scores must equal the torch path's within `--tolerance`, else the
-export fails naming the image; `model.json` records the largest difference and any decision that differs.
+export fails naming the image and the output directory is left as it was; `model.json` records the largest
+differences and any decision that differs.
 """
 
 import argparse
