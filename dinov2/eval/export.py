@@ -14,7 +14,8 @@ The graph is the maths of `dinov2.eval.predict` and `dinov2.eval.predictor`: the
 head (dinov2/eval/saved_probe.py), so the scores agree with theirs to float32 rounding. Its metadata (`dinov2_qc`, a
 JSON string, also written to `D/model.json`) carries what a runtime needs beside the graph: class names, image and
 group thresholds with the group aggregation, the unfamiliarity threshold, the eval transform, the backbone's SHA-256
-and the classifier it came from. `dinov2.eval.predictor.OnnxPredictor` reads it and decides devices as the `Predictor` does.
+and the classifier it came from. `dinov2.eval.predictor.OnnxPredictor` reads it and decides devices as the `Predictor`
+does.
 
 Every export is checked before it is kept: ONNX Runtime runs the written file on the `--check-datasets` images (else
 on `--check-images` seeded random ones) and its scores must equal the torch path's within `--tolerance`, else the

@@ -158,6 +158,7 @@ def eval_knn(args: argparse.Namespace, train: FeatureSet, val: FeatureSet) -> Di
     logger.info(f"k-NN: {args.selection_metric} of leave-group-out training scores {scores}; chosen k = {best_k}")
 
     settings = {"k": best_k, "temperature": args.temperature, "nb_knn": ks, "selection_metric": args.selection_metric}
+    ood = fit_ood(train, args.ood_components, args.ood_quantile)
     write_json_atomic(
         os.path.join(args.output_dir, "knn_settings.json"),
         {**settings, "train_dataset": train.dataset_str, "thresholds": thresholds[best_k],
@@ -165,8 +166,7 @@ def eval_knn(args: argparse.Namespace, train: FeatureSet, val: FeatureSet) -> Di
     )
     classifier = {"train_features": train_x, "train_labels": train_y, "k": best_k, "temperature": args.temperature,
                   "class_names": train.class_names, "thresholds": thresholds[best_k],
-                  "train_dataset": train.dataset_str, "features": train.source,
-                  "ood": fit_ood(train, args.ood_components, args.ood_quantile)}
+                  "train_dataset": train.dataset_str, "features": train.source, "ood": ood}
     atomic_write(os.path.join(args.output_dir, CLASSIFIER_NAME), lambda f: torch.save(classifier, f))
     results = results_header(args, "knn", train, settings, thresholds[best_k])
     val_x = val.normalized_cls()
@@ -178,7 +178,8 @@ def eval_knn(args: argparse.Namespace, train: FeatureSet, val: FeatureSet) -> Di
         per_k[str(k)]["settings"] = {"k": k, "temperature": args.temperature}
         top1 = per_k[str(k)]["image"]["top-1"]
         results[f"('full', {k}) Top 1"] = None if top1 is None else 100.0 * top1
-    entry = evaluate_split(args.output_dir, "knn", val, val_probs[best_k], thresholds[best_k], args.fpr_target)
+    entry = evaluate_split(args.output_dir, "knn", val, val_probs[best_k], thresholds[best_k], args.fpr_target,
+                           ood=ood)
     results["datasets"][val.dataset_str] = {"tag": val.tag, "settings": {"k": best_k, "temperature": args.temperature},
                                             **entry, "per_k": per_k}
     write_results(args.output_dir, "knn", results)

@@ -229,10 +229,11 @@ def eval_linear(args: argparse.Namespace, train: FeatureSet, val: FeatureSet, te
     settings = {"classifier": best_name, **grid[best_name], "val_metric_type": args.val_metric_type,
                 "val_score": val_scores[best_name], "epochs": args.epochs, "epoch_length": args.epoch_length,
                 "batch_size": args.batch_size}
+    ood = fit_ood(train, args.ood_components, args.ood_quantile)
     save_linear_classifier(os.path.join(args.output_dir, CHECKPOINT_NAME), best,
                            {"name": best_name, "settings": settings, "thresholds": thresholds,
                             "class_names": train.class_names, "train_dataset": train.dataset_str,
-                            "features": train.source, "ood": fit_ood(train, args.ood_components, args.ood_quantile)})
+                            "features": train.source, "ood": ood})
     results = results_header(args, "linear", train, settings, thresholds)
     results["grid"] = val_scores
     val_top1 = evaluate_split(args.output_dir, "linear", val, predict(best, val), thresholds, args.fpr_target,
@@ -242,7 +243,7 @@ def eval_linear(args: argparse.Namespace, train: FeatureSet, val: FeatureSet, te
     for test in tests:
         tag = unique_tag(test.tag, tags)
         entry = evaluate_split(args.output_dir, "linear", test, predict(best, test), thresholds, args.fpr_target,
-                               tag=tag)
+                               tag=tag, ood=ood)
         results["datasets"][test.dataset_str] = {"tag": tag, "settings": settings, **entry}
         top1 = entry["image"]["top-1"]
         results[f"{test.dataset_str}_accuracy"] = None if top1 is None else 100.0 * top1

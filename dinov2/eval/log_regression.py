@@ -183,10 +183,11 @@ def eval_log_regression(
     params = classifier_parameters(_fit(final_x, final_y, best_c, args.max_train_iters, args.tol), best_c)
     settings = {"C": best_c, "metric_type": args.metric_type, "selection_score": scores[best_c],
                 "n_c": len(grid), "solver": "cuml" if _use_cuml() else "sklearn", "train_dtype": args.train_dtype}
+    ood = fit_ood(train, args.ood_components, args.ood_quantile)
     write_json_atomic(os.path.join(args.output_dir, CLASSIFIER_NAME),
                       {**params, "feature": "l2-normalised CLS token", "class_names": train.class_names,
                        "train_dataset": train.dataset_str, "thresholds": thresholds, "settings": settings,
-                       "features": train.source, "ood": fit_ood(train, args.ood_components, args.ood_quantile)})
+                       "features": train.source, "ood": ood})
     results = results_header(args, "log_regression", train, settings, thresholds)
     results["grid"] = {f"{c:.6g}": s for c, s in scores.items()}
     results["best_C"] = best_c
@@ -196,7 +197,8 @@ def eval_log_regression(
             continue
         tag = unique_tag(split.tag, tags)
         probs = log_regression_probabilities(params, _features(split, args.train_dtype), num_classes)
-        entry = evaluate_split(args.output_dir, "log_regression", split, probs, thresholds, args.fpr_target, tag=tag)
+        entry = evaluate_split(args.output_dir, "log_regression", split, probs, thresholds, args.fpr_target, tag=tag,
+                               ood=ood)
         results["datasets"][split.dataset_str] = {"tag": tag, "settings": {"C": best_c}, **entry}
         top1 = entry["image"]["top-1"]
         results[f"{split.dataset_str} top-1"] = None if top1 is None else 100.0 * top1

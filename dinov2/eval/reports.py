@@ -19,12 +19,14 @@ from collections import Counter
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from sklearn.metrics import precision_recall_curve, roc_curve
 
 from dinov2.eval.features import FeatureSet
 from dinov2.eval.metrics import aggregate_groups, positive_scores, qc_metrics
+from dinov2.eval.ood import OodHead
 from dinov2.eval.setup import RANDOM_WEIGHTS
 from dinov2.utils.utils import atomic_write
 
@@ -107,9 +109,12 @@ def evaluate_split(
     fpr_target: float,
     tag: Optional[str] = None,
     write_files: bool = True,
+    ood: Optional[Dict[str, object]] = None,
 ) -> Dict[str, object]:
     """QC metrics of class probabilities `probs` (N, C) on one split at the saved thresholds; with `write_files`,
-    also the prediction CSVs and the plots. Returns {"image": ..., "group": ..., "files": [...]}."""
+    also the prediction CSVs and the plots; with a probe's model of unfamiliar images `ood` (dinov2/eval/ood.py),
+    how many of the split's images it flags. Returns {"image": ..., "group": ..., ["unfamiliar": ...,]
+    "files": [...]}."""
     tag = tag or features.tag
     aggregation = thresholds["group_aggregation"]
     image_t, group_t = thresholds["image"]["threshold"], thresholds["group"]["threshold"]
@@ -118,6 +123,12 @@ def evaluate_split(
                         group_threshold=group_t, aggregation=aggregation, fpr_target=fpr_target)
     for level in ("image", "group"):
         result[level]["threshold_fallback"] = bool(thresholds[level]["fallback"])
+    if ood is not None:
+        with torch.inference_mode():
+            _, unfamiliar = OodHead(ood)(features.cls)
+        result["unfamiliar"] = {"n_images": int(unfamiliar.sum()),
+                                "share": float(unfamiliar.double().mean()) if len(features) else None,
+                                "expected_share": 1.0 - ood["quantile"], "threshold": ood["threshold"]}
     if not write_files:
         return result
     stem = f"{probe}_{tag}"
@@ -262,6 +273,11 @@ def write_report(output_dir: str) -> str:
                 values = " | ".join(_fmt(m[k]) for k in KEY_METRICS)
                 lines.append(f"| {entry['tag']} | {level} | {m['n_samples']} | {m['n_positive']} | {values} |")
                 notes += [f"{entry['tag']} ({level}): {w}" for w in m["warnings"]]
+            if entry.get("unfamiliar", {}).get("share") is not None:
+                u = entry["unfamiliar"]
+                notes.append(f"{entry['tag']}: {u['n_images']} of {entry['image']['n_samples']} images unfamiliar "
+                             f"({u['share']:.1%}; about {u['expected_share']:.0%} expected of images like the "
+                             "training ones)")
             files = ", ".join(f"[{os.path.basename(p)}]({p})" for p in entry.get("files", []))
             if files:
                 notes.append(f"{entry['tag']} files: {files}")

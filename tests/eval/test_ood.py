@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from eval_helpers import CLASSIFIER_FILES
+from eval_helpers import CLASSIFIER_FILES, cached_feature_set, read_results
 
 from dinov2.eval.features import FeatureSet, held_out_groups
 from dinov2.eval.ood import OodHead, fit_ood, ood_summary
@@ -85,3 +85,22 @@ def test_the_three_probes_save_the_same_model(teacher_run):
     assert list(ood_summary(models[0])) == ["method", "n_components", "quantile", "threshold", "fitted_on",
                                             "threshold_on"]
     assert models[0]["quantile"] == 0.99 and models[0]["threshold"] > 0
+
+
+def test_probe_reports_count_the_unfamiliar_images_of_their_splits(teacher_run):
+    """Each probe's results give, for its evaluated splits, how many images its model flags (as computed here from the
+    cached features), and report.md says so."""
+    teacher_dir, _ = teacher_run
+    report = (teacher_dir / "report.md").read_text()
+    for probe, name in CLASSIFIER_FILES.items():
+        params = load_probe_classifier(str(teacher_dir / name)).ood_params
+        entries = read_results(teacher_dir, probe)["datasets"].values()
+        assert {entry["tag"] for entry in entries} >= {"test"}
+        for entry in entries:
+            _, unfamiliar = OodHead(params)(cached_feature_set(teacher_dir, entry["tag"]).cls)
+            share = float(unfamiliar.double().mean())
+            assert entry["unfamiliar"] == {"n_images": int(unfamiliar.sum()), "share": share,
+                                           "expected_share": pytest.approx(0.01), "threshold": params["threshold"]}
+            assert (f"- {entry['tag']}: {int(unfamiliar.sum())} of {len(unfamiliar)} images unfamiliar "
+                    f"({share:.1%}; about 1% expected of images like the training ones)"
+                    ) in report
