@@ -118,7 +118,8 @@ class ScoringService:
         self.counts = {"requests": 0, "images": 0, "errors": 0}
 
     def score(self, body: bytes) -> Dict[str, object]:
-        """Scores of a POST /score body; raises BadRequest for what the client must fix."""
+        """Scores of a POST /score body; raises BadRequest for what the client must fix. The latency counts from the
+        parsed request to its result, the wait for earlier requests included."""
         paths, data, names, group_ids = parse_score_request(body)
         start = time.perf_counter()
         with self._lock:
