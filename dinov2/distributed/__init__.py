@@ -21,6 +21,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from typing import Mapping, NoReturn, Optional
 
@@ -42,6 +43,8 @@ _SLURM_VARS = (
 _PORT_RANGE = (20000, 60000)  # [low, high) for ports derived from the SLURM job id
 
 _ENABLED = False
+_GLOO_TEARDOWN_NEEDS_GIL = tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 8)  # see shutdown()
+GLOO_TEARDOWN_GRACE_S = 0.2
 _BUILTIN_PRINT = builtins.print
 _SAVED_ENV: dict = {}  # values (None = unset) of the variables `enable()` exported, restored by `disable()`
 
@@ -244,9 +247,16 @@ def disable() -> None:
 def shutdown() -> None:
     """Normal end of a distributed script: wait for every rank, then `disable()`. A process group left to interpreter
     exit can abort the process in gloo's threads ("terminate called without an active exception") while another
-    rank is still using it."""
+    rank is still using it.
+
+    In torch < 2.8 gloo's worker thread frees a finished collective (the barrier holds the earlier ones) after the
+    caller has returned, and needs the GIL for it; `destroy_process_group` holds the GIL while joining that thread,
+    so the two can deadlock (pytorch/pytorch#154976; seen in two-rank probe runs on torch 2.4). Sleeping a moment
+    releases the GIL for the worker first."""
     if is_multi_process():
         dist.barrier()
+        if _GLOO_TEARDOWN_NEEDS_GIL and dist.get_backend() == "gloo":
+            time.sleep(GLOO_TEARDOWN_GRACE_S)
     disable()
 
 
