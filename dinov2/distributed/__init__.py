@@ -28,6 +28,8 @@ from typing import Mapping, NoReturn, Optional
 import torch
 import torch.distributed as dist
 
+from dinov2.utils.utils import torch_version
+
 logger = logging.getLogger("dinov2")
 
 _TORCHRUN_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
@@ -43,7 +45,7 @@ _SLURM_VARS = (
 _PORT_RANGE = (20000, 60000)  # [low, high) for ports derived from the SLURM job id
 
 _ENABLED = False
-_GLOO_TEARDOWN_NEEDS_GIL = tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 8)  # see shutdown()
+_GLOO_TEARDOWN_NEEDS_GIL = torch_version() < (2, 8)  # see shutdown()
 GLOO_TEARDOWN_GRACE_S = 0.2
 _BUILTIN_PRINT = builtins.print
 _SAVED_ENV: dict = {}  # values (None = unset) of the variables `enable()` exported, restored by `disable()`

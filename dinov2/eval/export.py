@@ -44,7 +44,7 @@ from dinov2.eval.ood import ood_summary
 from dinov2.eval.saved_probe import SavedProbe, check_backbone, load_probe_classifier
 from dinov2.eval.setup import build_model_for_eval, get_classifier_args_parser
 from dinov2.utils.config import get_cfg_from_args, setup
-from dinov2.utils.utils import atomic_write
+from dinov2.utils.utils import atomic_write, torch_version
 
 logger = logging.getLogger("dinov2")
 
@@ -61,8 +61,7 @@ EXTERNAL_DATA_BYTES = 1 << 30  # weights from this size on are written beside th
 
 def default_exporter() -> str:
     """torch.export-based ("dynamo") where it is torch.onnx's default (torch >= 2.9), else the TorchScript tracer."""
-    major, minor = (int(part) for part in torch.__version__.split(".")[:2])
-    return "dynamo" if (major, minor) >= (2, 9) else "torchscript"
+    return "dynamo" if torch_version() >= (2, 9) else "torchscript"
 
 
 def get_args_parser(

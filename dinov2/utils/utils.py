@@ -47,6 +47,12 @@ class PretrainedWeightsError(RuntimeError):
 _WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
 
 
+def torch_version() -> Tuple[int, int]:
+    """(major, minor) of the running torch, for behaviour that differs between releases."""
+    major, minor = torch.__version__.split(".")[:2]
+    return int(major), int(minor)
+
+
 def clean_wrapped_name(name: str) -> str:
     """A parameter or buffer name as the unwrapped module names it (FSDP and checkpoint-wrapper parts removed)."""
     for part in _WRAPPER_PARTS:

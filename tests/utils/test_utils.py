@@ -24,6 +24,7 @@ from dinov2.utils.utils import (
     get_sha,
     has_batchnorms,
     load_pretrained_weights,
+    torch_version,
     uses_cuda_graphs,
 )
 
@@ -343,3 +344,10 @@ def test_atomic_write_replaces_whole_files_and_keeps_the_old_one_on_failure(tmp_
 )
 def test_uses_cuda_graphs(backend, mode, expected):
     assert uses_cuda_graphs({"backend": backend, "mode": mode}) is expected
+
+
+@pytest.mark.parametrize("version, expected", [("2.4.1+cu121", (2, 4)), ("2.11.0a0+git1234", (2, 11)),
+                                               ("2.14.1", (2, 14))])
+def test_torch_version_reads_major_and_minor(monkeypatch, version, expected):
+    monkeypatch.setattr(torch, "__version__", version)
+    assert torch_version() == expected
