@@ -309,7 +309,7 @@ class FeatureStore:
             cls=cls_tokens,
             patch_mean=patch_mean,
             labels=labels.numpy().astype(np.int64),
-            group_ids=_group_ids(dataset, dataset_str),
+            group_ids=dataset_group_ids(dataset, dataset_str),
             img_paths=dataset_image_paths(dataset),
             class_names=_class_names(dataset, labels),
             source=self.source,
@@ -345,7 +345,8 @@ def _file_stamp(path: str) -> List[int]:
     return [stat.st_size, stat.st_mtime_ns]
 
 
-def _group_ids(dataset, dataset_str: str) -> List[str]:
+def dataset_group_ids(dataset, dataset_str: str) -> List[str]:
+    """Group (device) ids of a dataset's images as strings; each image its own group in a dataset without them."""
     if hasattr(dataset, "get_group_ids"):
         return [str(g) for g in dataset.get_group_ids()]
     logger.info(f"{dataset_str} has no group ids: every image is its own group")

@@ -119,6 +119,18 @@ class KnnHead(nn.Module):
         top_sims, top_idx = (query @ self.train_features.T).topk(self.k, dim=1)
         return weighted_vote(top_sims, top_idx, self.one_hot, self.k, self.temperature)
 
+    def soft_log_odds(self, cls: torch.Tensor) -> torch.Tensor:
+        """(N,) float64 log-odds of not-class-0 against class 0 in the vote extended to every training image,
+        log sum_{label != 0} exp(sim / T) - log sum_{label 0} exp(sim / T): smooth in the query, where the top-k
+        vote of a query whose k neighbours share a class is flat (`dinov2.eval.explain` differentiates it)."""
+        query = F.normalize(cls[:, -1], dim=1, p=2).double()
+        logits = query @ self.train_features.T / self.temperature
+        negative = self.one_hot[:, 0].bool()
+        if negative.all() or not negative.any():
+            raise ValueError("the k-NN classifier's training images are all of one side (class 0 or not): "
+                             "its vote has no evidence to explain")
+        return torch.logsumexp(logits[:, ~negative], dim=1) - torch.logsumexp(logits[:, negative], dim=1)
+
 
 def _clip_ks(nb_knn: Sequence[int], n_train: int) -> List[int]:
     if any(k < 1 for k in nb_knn):

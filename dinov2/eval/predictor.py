@@ -14,6 +14,7 @@ of a call.
 
 import abc
 import argparse
+import copy
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -26,6 +27,7 @@ from dinov2.data.transforms import make_classification_eval_transform
 from dinov2.eval.export import INPUT_NAME, read_metadata
 from dinov2.eval.features import ProbeFeatureModel, backbone_fingerprint, split_feature_rows
 from dinov2.eval.metrics import aggregate_groups, positive_scores
+from dinov2.eval.saliency import Explainer, Explanation, evidence_peak
 from dinov2.eval.saved_probe import check_backbone, load_probe_classifier
 from dinov2.eval.setup import build_model_for_eval, get_autocast_dtype
 from dinov2.eval.utils import make_autocast_ctx
@@ -65,17 +67,34 @@ class PhotoScorer(abc.ABC):
                       group_ids: Optional[Sequence[str]] = None) -> Dict[str, List[Dict]]:
         """`score` for encoded images in memory (JPEG, PNG, ... bytes); `names` (default "image <i>") stand in for
         the paths."""
+        return self._score(*self._encoded_dataset(images, names), group_ids)
+
+    def _encoded_dataset(self, images: Sequence[bytes], names: Optional[Sequence[str]]) -> Tuple[EncodedImages,
+                                                                                              List[str]]:
         names = [f"image {i}" for i in range(len(images))] if names is None else [str(n) for n in names]
-        return self._score(EncodedImages(images=images, names=names, transform=self.transform), names, group_ids)
+        return EncodedImages(images=images, names=names, transform=self.transform), names
 
     def _score(self, dataset, names: List[str], group_ids: Optional[Sequence[str]]) -> Dict[str, List[Dict]]:
+        group_ids = self._check_group_ids(dataset, group_ids)
+        scores, unfamiliarity = self._image_scores(self._decode(dataset))
+        return self._decide(names, group_ids, scores, unfamiliarity)
+
+    @staticmethod
+    def _check_group_ids(dataset, group_ids: Optional[Sequence[str]]) -> List[str]:
         if not len(dataset):
             raise ValueError("no images to score")
         group_ids = ["device"] * len(dataset) if group_ids is None else [str(g) for g in group_ids]
         if len(group_ids) != len(dataset):
             raise ValueError(f"{len(dataset)} images but {len(group_ids)} group ids")
-        batch = torch.stack([image for image, _ in self._decoders.map(dataset.__getitem__, range(len(dataset)))])
-        scores, unfamiliarity = self._image_scores(batch)
+        return group_ids
+
+    def _decode(self, dataset) -> torch.Tensor:
+        """The transformed images of a dataset as one batch, decoded on the decode threads."""
+        return torch.stack([image for image, _ in self._decoders.map(dataset.__getitem__, range(len(dataset)))])
+
+    def _decide(self, names: List[str], group_ids: List[str], scores: np.ndarray,
+                unfamiliarity: Optional[np.ndarray]) -> Dict[str, List[Dict]]:
+        """`score`'s result from the images' positive-class scores and unfamiliarity."""
         image_t, group_t = self.thresholds["image"]["threshold"], self.thresholds["group"]["threshold"]
         ids, _, g_scores, _ = aggregate_groups(group_ids, np.zeros(len(names), dtype=np.int64), scores,
                                                self.thresholds["group_aggregation"], image_t)
@@ -111,7 +130,10 @@ class Predictor(PhotoScorer):
         self.device = next(model.parameters()).device
         autocast_dtype = get_autocast_dtype(config) if self.device.type == "cuda" else torch.float32
         self.n_blocks = self.saved.head.n_blocks
-        self.feature_model = ProbeFeatureModel(model, self.n_blocks, make_autocast_ctx(autocast_dtype, self.device))
+        autocast_ctx = make_autocast_ctx(autocast_dtype, self.device)
+        self.feature_model = ProbeFeatureModel(model, self.n_blocks, autocast_ctx)
+        self.explainer = Explainer(model, copy.deepcopy(self.saved.head).to(self.device), autocast_ctx)
+        self.patch_size = int(model.patch_size)
 
     def _image_scores(self, batch: torch.Tensor) -> Tuple[np.ndarray, Optional[np.ndarray]]:
         with torch.inference_mode():
@@ -119,6 +141,31 @@ class Predictor(PhotoScorer):
             cls, patch_mean = split_feature_rows(rows, self.n_blocks)
             unfamiliarity = None if self.ood is None else self.ood.unfamiliarity(cls).numpy()
         return positive_scores(self.saved.score_tokens(cls, patch_mean)), unfamiliarity
+
+
+    def explain(self, paths: Sequence[str], group_ids: Optional[Sequence[str]] = None
+                ) -> Tuple[Dict[str, List[Dict]], Explanation, torch.Tensor]:
+        """`score` of image files with the maps that explain each image's score (`dinov2.eval.saliency`): returns
+        `score`'s result, whose images also get the patch of most positive `evidence` (`evidence_peak`), the
+        `Explanation` of the images (scores from the same forward pass) and the transformed images (N, 3, S, S)."""
+        return self._explain(ImagePaths(paths=paths, transform=self.transform), [str(p) for p in paths], group_ids)
+
+    def explain_encoded(self, images: Sequence[bytes], names: Optional[Sequence[str]] = None,
+                        group_ids: Optional[Sequence[str]] = None
+                        ) -> Tuple[Dict[str, List[Dict]], Explanation, torch.Tensor]:
+        """`explain` for encoded images in memory, named as in `score_encoded`."""
+        return self._explain(*self._encoded_dataset(images, names), group_ids)
+
+    def _explain(self, dataset, names: List[str], group_ids: Optional[Sequence[str]]
+                 ) -> Tuple[Dict[str, List[Dict]], Explanation, torch.Tensor]:
+        group_ids = self._check_group_ids(dataset, group_ids)
+        batch = self._decode(dataset)
+        explanation = self.explainer(batch.to(self.device))
+        unfamiliarity = None if self.ood is None else self.ood.unfamiliarity(explanation.cls).numpy()
+        result = self._decide(names, group_ids, positive_scores(explanation.probabilities), unfamiliarity)
+        for image, evidence in zip(result["images"], explanation.evidence):
+            image["evidence_peak"] = evidence_peak(evidence, self.patch_size)
+        return result, explanation, batch
 
 
 class OnnxPredictor(PhotoScorer):

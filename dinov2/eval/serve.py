@@ -6,6 +6,8 @@
     POST /score   {"images": [{"path": "/line/7/7-0.jpeg"}, {"data": "<base64 JPEG>", "name": "7-1"}, ...],
                    "group_ids": ["7", "7", ...]}              (group_ids optional: default all one device)
                -> Predictor.score's {"images": [...], "groups": [...]} + "latency_ms"
+                  with "explain": true (torch model only), each image also gets its "evidence" and "attention"
+                  maps on the patch grid and its "evidence_peak" (dinov2/eval/saliency.py)
     GET  /health  -> {"status": "ok", "model": probe, classes, thresholds, backbone SHA-256, eval transform}
     GET  /stats   -> requests, images and errors served; latency mean and percentiles over the last requests; the
                      share of unfamiliar images among the last images (dinov2/eval/ood.py): the line's drift
@@ -74,8 +76,9 @@ def model_summary(predictor: PhotoScorer) -> Dict[str, object]:
 
 
 def parse_score_request(body: bytes) -> Tuple[List[Optional[str]], List[Optional[bytes]], List[str],
-                                              Optional[List[str]]]:
-    """Body of POST /score -> (paths, encoded images, names, group ids): per image either a path or its bytes."""
+                                              Optional[List[str]], bool]:
+    """Body of POST /score -> (paths, encoded images, names, group ids, explain): per image either a path or its
+    bytes."""
     try:
         request = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -102,7 +105,10 @@ def parse_score_request(body: bytes) -> Tuple[List[Optional[str]], List[Optional
     group_ids = request.get("group_ids")
     if group_ids is not None and (not isinstance(group_ids, list) or len(group_ids) != len(images)):
         raise BadRequest(f"group_ids must be a list of {len(images)} ids, one per image")
-    return paths, data, names, group_ids
+    explain = request.get("explain", False)
+    if not isinstance(explain, bool):
+        raise BadRequest(f"explain must be true or false, got {explain!r}")
+    return paths, data, names, group_ids, explain
 
 
 class ScoringService:
@@ -120,15 +126,14 @@ class ScoringService:
     def score(self, body: bytes) -> Dict[str, object]:
         """Scores of a POST /score body; raises BadRequest for what the client must fix. The latency counts from the
         parsed request to its result, the wait for earlier requests included."""
-        paths, data, names, group_ids = parse_score_request(body)
+        paths, data, names, group_ids, explain = parse_score_request(body)
+        if explain and not isinstance(self.predictor, Predictor):
+            raise BadRequest("explanations need the torch model (--config-file, --pretrained-weights, --classifier): "
+                             "an ONNX model has no gradients")
         start = time.perf_counter()
         with self._lock:
             try:
-                if all(d is None for d in data):
-                    result = self.predictor.score(paths, group_ids)
-                else:
-                    encoded = [d if d is not None else _read(path) for d, path in zip(data, paths)]
-                    result = self.predictor.score_encoded(encoded, names, group_ids)
+                result = self._score(paths, data, names, group_ids, explain)
             except (ImageDecodeError, ValueError) as e:
                 raise BadRequest(str(e)) from None
             latency_ms = 1000 * (time.perf_counter() - start)
@@ -138,6 +143,24 @@ class ScoringService:
             self._unfamiliar.extend(image["unfamiliar"] for image in result["images"]
                                     if image["unfamiliar"] is not None)
         return {**result, "latency_ms": round(latency_ms, 3)}
+
+    def _score(self, paths: List[Optional[str]], data: List[Optional[bytes]], names: List[str],
+               group_ids: Optional[List[str]], explain: bool) -> Dict[str, List[Dict]]:
+        """The predictor's result for images given by path or bytes (read here when both kinds come); explained:
+        with each image's evidence and attention maps (rows of floats)."""
+        by_path = all(d is None for d in data)
+        encoded = None if by_path else [d if d is not None else _read(path) for d, path in zip(data, paths)]
+        if not explain:
+            if by_path:
+                return self.predictor.score(paths, group_ids)
+            return self.predictor.score_encoded(encoded, names, group_ids)
+        if by_path:
+            result, explanation, _ = self.predictor.explain(paths, group_ids)
+        else:
+            result, explanation, _ = self.predictor.explain_encoded(encoded, names, group_ids)
+        for image, evidence, attention in zip(result["images"], explanation.evidence, explanation.attention):
+            image["evidence"], image["attention"] = evidence.tolist(), attention.tolist()
+        return result
 
     def count_error(self) -> None:
         with self._lock:

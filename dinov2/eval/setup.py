@@ -142,14 +142,14 @@ def add_qc_arguments(parser: argparse.ArgumentParser) -> None:
         default="mean",
         help="How the image scores of one group (device) are combined: mean, max or majority vote",
     )
-    parser.add_argument("--ood-components", type=_non_negative_int, default=32,
+    parser.add_argument("--ood-components", type=non_negative_int, default=32,
                         help="Unfamiliar images (dinov2/eval/ood.py): principal directions of the training features")
     parser.add_argument("--ood-quantile", type=_quantile, default=0.99,
                         help="Unfamiliar images: flagged above this quantile of held-out training images")
     add_inference_arguments(parser)
 
 
-def _non_negative_int(text: str) -> int:
+def non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")

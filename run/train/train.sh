@@ -21,6 +21,8 @@
 #   EXPORT      auto|true|false (default auto): export the teacher with its linear probe to ONNX
 #               ($OUTPUT_DIR/export/model.onnx, checked on the TEST split); auto = when onnx and onnxruntime are
 #               installed (pip install -e '.[export]')
+#   EXPLAIN     true|false (default true): heat maps of the TEST devices the teacher's linear probe decides positive
+#               ($OUTPUT_DIR/explain/report.html, at most 50 devices; dinov2.eval.explain)
 set -euo pipefail
 
 cd "$(dirname "$0")/../.."
@@ -34,6 +36,7 @@ NO_RESUME="${NO_RESUME:-false}"
 EXTRA="${EXTRA:-}"
 LINEAR_OPTS="${LINEAR_OPTS:---epochs 10 --epoch-length 50}"
 EXPORT="${EXPORT:-auto}"
+EXPLAIN="${EXPLAIN:-true}"
 if [[ -z "${NPROC:-}" ]]; then
     NPROC="$("$PYTHON" -c 'import torch; print(max(torch.cuda.device_count(), 1))')"
 fi
@@ -50,6 +53,11 @@ case "$EXPORT" in
     auto) if "$PYTHON" -c 'import onnx, onnxruntime' 2>/dev/null; then EXPORT=true; else EXPORT=false; fi ;;
     true | false) ;;
     *) echo "EXPORT must be auto, true or false, got '$EXPORT'" >&2; exit 2 ;;
+esac
+
+case "$EXPLAIN" in
+    true | false) ;;
+    *) echo "EXPLAIN must be true or false, got '$EXPLAIN'" >&2; exit 2 ;;
 esac
 
 case "$NO_RESUME" in
@@ -118,6 +126,11 @@ if [[ "$EXPORT" == true ]]; then
         --classifier "$CLASSIFIER" --check-datasets "$TEST_SPLIT" --output-dir "$OUTPUT_DIR/export"
 else
     echo "== ONNX export skipped (EXPORT=false, or onnx / onnxruntime not installed: pip install -e '.[export]')"
+fi
+if [[ "$EXPLAIN" == true ]]; then
+    echo "== heat maps of the $TEST_SPLIT devices decided positive by the teacher's linear probe"
+    "$PYTHON" -m dinov2.eval.explain --config-file "$EVAL_CONFIG" --pretrained-weights "$TEACHER" \
+        --classifier "$CLASSIFIER" --datasets "$TEST_SPLIT" --output-dir "$OUTPUT_DIR/explain"
 fi
 echo "== to score new images with the teacher and its linear probe (README: Scoring new images):"
 echo "$PYTHON -m dinov2.eval.predict --config-file $EVAL_CONFIG --pretrained-weights $TEACHER" \

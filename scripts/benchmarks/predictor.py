@@ -2,7 +2,8 @@
 `--images-per-device` photos with the probes' eval transform, the backbone on them as one batch, the classifier and
 the thresholds; ms per device (mean and median of the timed calls) and images/s, peak memory on CUDA. With
 `--runtime onnx` the same probe is exported (`dinov2.eval.export`) and scored by `OnnxPredictor` (ONNX Runtime, CUDA
-where its build has it): one record per runtime and image size.
+where its build has it); with `--runtime torch-explain` each call is `Predictor.explain` (the scores with the maps
+of `dinov2.eval.saliency`: one forward and backward pass): one record per runtime and image size.
 
 Self-contained: a randomly initialised `--arch/--patch-size` backbone (on CUDA when available, in the config's
 teacher dtype there, as the probes) with a random linear classifier over its last class token, scoring synthetic
@@ -40,8 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--crop-size", type=int, default=224, help="eval transform: centre crop")
     parser.add_argument("--draft-reducing-gap", type=float, default=2.0, help="eval transform: 0 = full decode")
     parser.add_argument("--decode-threads", type=int, default=4, help="threads decoding the photos of a call")
-    parser.add_argument("--runtime", nargs="+", choices=("torch", "onnx"), default=["torch"],
-                        help="torch: Predictor; onnx: the exported model in ONNX Runtime")
+    parser.add_argument("--runtime", nargs="+", choices=("torch", "onnx", "torch-explain"), default=["torch"],
+                        help="torch: Predictor.score; onnx: the exported model in ONNX Runtime; torch-explain: "
+                             "Predictor.explain (scores and maps)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls")
     parser.add_argument("--iters", type=int, default=10, help="timed calls")
 
@@ -80,7 +82,7 @@ def run(args: argparse.Namespace) -> List[Dict[str, object]]:
 
 
 def _predictor(runtime: str, probe: Dict[str, str], folder: str, args: argparse.Namespace):
-    if runtime == "torch":
+    if runtime != "onnx":
         return Predictor(pretrained_weights="random", decode_threads=args.decode_threads, **probe)
     output_dir = os.path.join(folder, "onnx")
     export.run_export(export.get_args_parser().parse_args([
@@ -92,7 +94,8 @@ def _predictor(runtime: str, probe: Dict[str, str], folder: str, args: argparse.
 def _time_calls(predictor, runtime: str, folder: str, args: argparse.Namespace) -> List[Dict[str, object]]:
     """One record per --image-size: the timed calls of `predictor` on synthetic photos of that size."""
     records = []
-    device = predictor.device if runtime == "torch" else torch.device(
+    call = predictor.explain if runtime == "torch-explain" else predictor.score
+    device = predictor.device if runtime != "onnx" else torch.device(
         "cuda" if "CUDAExecutionProvider" in predictor.session.get_providers() else "cpu")
     for size in args.image_size:
         width, height = parse_size(size)
@@ -104,13 +107,13 @@ def _time_calls(predictor, runtime: str, folder: str, args: argparse.Namespace) 
         names = sorted(os.path.join(photos, name) for name in os.listdir(photos))
         calls = [names[i : i + args.images_per_device] for i in range(0, count, args.images_per_device)]
         for it in range(args.warmup):
-            predictor.score(calls[it % len(calls)])
+            call(calls[it % len(calls)])
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         seconds = []
         for it in range(args.iters):
             start = time.perf_counter()
-            predictor.score(calls[(args.warmup + it) % len(calls)])  # returns Python floats: synchronised
+            call(calls[(args.warmup + it) % len(calls)])  # returns Python floats and numpy arrays: synchronised
             synchronize(device)
             seconds.append(time.perf_counter() - start)
         records.append({
@@ -130,6 +133,6 @@ def _time_calls(predictor, runtime: str, folder: str, args: argparse.Namespace) 
             "ms_per_device": round(1000 * statistics.fmean(seconds), 2),
             "ms_per_device_median": round(1000 * statistics.median(seconds), 2),
             "images_per_s": round(args.iters * args.images_per_device / sum(seconds), 2),
-            "peak_memory_mib": peak_memory_mib(device) if runtime == "torch" else None,  # ONNX Runtime's is its own
+            "peak_memory_mib": peak_memory_mib(device) if runtime != "onnx" else None,  # ONNX Runtime's is its own
         })
     return records

@@ -66,6 +66,14 @@ def test_service_answers_as_the_predictor(running, teacher_run, sample_root, eva
     status, mixed = call(base, "/score", {"images": [{"path": str(photos[0])}, images[1]]})
     assert status == 200 and [g["group_id"] for g in mixed["groups"]] == ["device"]
     assert [r["score"] for r in mixed["images"]] == [r["score"] for r in answer["images"][:2]]
+    # explained: the same answer, with each image's maps and evidence peak as Predictor.explain gives them
+    status, explained = call(base, "/score", {"images": [{"path": str(p)} for p in photos[:3]],
+                                              "group_ids": groups[:3], "explain": True})
+    result, explanation, _ = predictor.explain(photos[:3], groups[:3])
+    assert status == 200 and explained.pop("latency_ms") > 0
+    for image, evidence, attention in zip(explained["images"], explanation.evidence, explanation.attention):
+        assert image.pop("evidence") == evidence.tolist() and image.pop("attention") == attention.tolist()
+    assert explained == json.loads(json.dumps(result))
     status, health = call(base, "/health")
     assert status == 200 and health["status"] == "ok"
     assert health["model"] == {"runtime": "torch", "probe": "linear", "class_names": predictor.saved.class_names,
@@ -74,12 +82,12 @@ def test_service_answers_as_the_predictor(running, teacher_run, sample_root, eva
                                "backbone_sha256": predictor.saved.source["backbone_sha256"],
                                "eval_transform": predictor.saved.source["eval_transform"]}
     status, stats = call(base, "/stats")
-    assert status == 200 and (stats["requests"], stats["images"], stats["errors"]) == (3, 2 * len(photos) + 2, 0)
-    assert stats["latency_window"] == 3
+    assert status == 200 and (stats["requests"], stats["images"], stats["errors"]) == (4, 2 * len(photos) + 5, 0)
+    assert stats["latency_window"] == 4
     assert list(stats["latency_ms"]) == ["mean", "max", "p50", "p90", "p99"]
     assert stats["latency_ms"]["p50"] <= stats["latency_ms"]["p99"] <= stats["latency_ms"]["max"]
-    served = answer["images"] + sent["images"] + mixed["images"]
-    assert stats["unfamiliar_window"] == len(served) == 2 * len(photos) + 2
+    served = answer["images"] + sent["images"] + mixed["images"] + explained["images"]
+    assert stats["unfamiliar_window"] == len(served) == 2 * len(photos) + 5
     assert stats["unfamiliar_share"] == pytest.approx(sum(i["unfamiliar"] for i in served) / len(served))
     assert stats["unfamiliar_share_expected"] == pytest.approx(0.01)
 
@@ -103,6 +111,7 @@ def test_bad_requests_are_named_and_the_service_goes_on(tmp_path, running, teach
          "sample 0: cam-2"),
         ("/score", {"images": [{"path": str(tmp_path / "missing.jpeg")}, {"data": "AAAA"}]}, None, 400,
          "can not read image .*missing.jpeg"),
+        ("/score", {"images": [{"path": photo}], "explain": "yes"}, None, 400, "explain must be true or false"),
         ("/score", None, b"x" * 5000, 413, "request of 5000 bytes exceeds --max-request-mb"),
         ("/other", {"images": []}, None, 404, "no such endpoint: POST /other"),
         ("/other", None, None, 404, "no such endpoint: GET /other"),
@@ -135,6 +144,8 @@ def test_onnx_model_served_from_the_command_line_options(tmp_path, running, teac
                                                                    abs=1e-5)
     status, health = call(base, "/health")
     assert health["model"]["runtime"] == "onnxruntime" and health["model"]["probe"] == "log_regression"
+    status, answer = call(base, "/score", {"images": [{"path": str(photos[0])}], "explain": True})
+    assert status == 400 and answer["error"].startswith("explanations need the torch model")
     for argv in ([], ["--model", "m.onnx", "--classifier", classifier]):
         with pytest.raises(ValueError, match="give either --model"):
             serve.build_predictor(serve.get_args_parser().parse_args(argv))
