@@ -9,6 +9,7 @@ from dinov2.eval.knn import KnnHead
 from dinov2.eval.linear import LinearClassifier, LinearProbeHead
 from dinov2.eval.log_regression import LogRegressionHead
 from dinov2.eval.saliency import Explainer, class_token_attention, evidence_peak, pca_rgb, positive_log_odds
+from dinov2.eval.utils import make_autocast_ctx
 from dinov2.models.vision_transformer import DinoVisionTransformer
 
 DIM, REGISTERS = 16, 2
@@ -161,3 +162,16 @@ def test_knn_log_odds_is_the_vote_over_every_training_image():
 def test_evidence_peak_is_the_most_positive_patch_in_crop_pixels():
     evidence = np.array([[0.1, -2.0, 0.3], [0.2, 0.9, -0.5]])
     assert evidence_peak(evidence, 14) == {"row": 1, "col": 1, "value": 0.9, "box": [14, 14, 28, 28]}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mixed_precision_maps_follow_the_float32_ones(dtype):
+    """Under autocast (the predictor's precision on CUDA; here the CPU's autocast) the maps are float32's to rounding."""
+    model, head = tiny_backbone().float(), linear_head(2)
+    torch.manual_seed(7)
+    images = torch.randn(2, 3, 24, 32)
+    reference = Explainer(model, head)(images)
+    mixed = Explainer(model, head, make_autocast_ctx(dtype, torch.device("cpu")))(images)
+    for name in ("evidence", "attention"):
+        assert np.corrcoef(getattr(reference, name).ravel(), getattr(mixed, name).ravel())[0, 1] > 0.999, name
+    np.testing.assert_allclose(mixed.log_odds, reference.log_odds, atol=0.1)
