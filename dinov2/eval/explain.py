@@ -305,6 +305,10 @@ def run_explain(args: argparse.Namespace) -> Dict[str, object]:
 def main(args: argparse.Namespace) -> int:
     if not args.output_dir:
         raise ValueError("--output-dir is required")
+    world_size = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
+    if world_size > 1:
+        raise ValueError(f"dinov2.eval.explain runs in one process, not {world_size} (torchrun or SLURM tasks): "
+                         "start it with python, or submit it with --ngpus 1 --nodes 1")
     os.makedirs(args.output_dir, exist_ok=True)
     setup_logging(output=args.output_dir, level=logging.INFO)
     run_explain(args)

@@ -1,4 +1,4 @@
-"""dinov2.run.eval.{knn,linear,log_regression,predict}: submitit launchers submit the named job, which runs the CLI."""
+"""dinov2.run.eval.{knn,linear,log_regression,predict,explain}: submitit launchers submit the named job, which runs the CLI."""
 
 import importlib
 import json
@@ -65,15 +65,9 @@ def test_knn_job_runs_in_the_debug_executor(monkeypatch, tmp_path):
     assert results["random_init"] is True and results["settings"]["k"] == 2
 
 
-def test_predict_job_scores_with_the_saved_classifier(monkeypatch, tmp_path):
-    """dinov2.run.eval.predict submits dinov2:predict, which applies a linear probe's classifier inside the job."""
-    root = tmp_path / "bbu"
-    make_sample_bbu(str(root), groups=6, size=32, seed=0)
-    config = tmp_path / "c.yaml"
-    config.write_text(CONFIG)
+def fit_linear_probe(root, config, probe_dir) -> None:
     from dinov2.eval import linear
 
-    probe_dir = tmp_path / "probe"
     try:
         linear.run_eval_linear(linear.get_args_parser().parse_args(
             ["--config-file", str(config), "--pretrained-weights", "random", "--output-dir", str(probe_dir),
@@ -82,20 +76,48 @@ def test_predict_job_scores_with_the_saved_classifier(monkeypatch, tmp_path):
              "--learning-rates", "0.1"]))
     finally:
         distributed.disable()
+
+
+@pytest.mark.parametrize("module", ["predict", "explain"])
+def test_jobs_apply_the_saved_classifier(monkeypatch, tmp_path, module):
+    """dinov2.run.eval.{predict,explain} submit dinov2:{predict,explain}, which apply a linear probe's classifier
+    inside the job."""
+    root = tmp_path / "bbu"
+    make_sample_bbu(str(root), groups=6, size=32, seed=0)
+    config = tmp_path / "c.yaml"
+    config.write_text(CONFIG)
+    probe_dir = tmp_path / "probe"
+    fit_linear_probe(root, config, probe_dir)
     jobs = []
 
     def submit_debug(task_class, args, name):
         jobs.append((name, submit.submit_jobs(task_class, args, name, cluster="debug")))
 
     monkeypatch.setattr(launcher, "submit_jobs", submit_debug)
-    from dinov2.run.eval import predict
-
+    run_module = importlib.import_module(f"dinov2.run.eval.{module}")
     test = f"BBU:root={root}:split=TEST"
-    assert predict.main(["--config-file", str(config), "--pretrained-weights", "random", "--output-dir",
-                         str(tmp_path / "job_%j"), "--classifier", str(probe_dir / "linear_classifier.pth"),
-                         "--datasets", test, "--num-workers", "0", "--ngpus", "1", "--nodes", "1"]) == 0
+    extra = ["--num-workers", "0"] if module == "predict" else ["--select", "all"]
+    assert run_module.main(["--config-file", str(config), "--pretrained-weights", "random", "--output-dir",
+                            str(tmp_path / "job_%j"), "--classifier", str(probe_dir / "linear_classifier.pth"),
+                            "--datasets", test, "--ngpus", "1", "--nodes", "1", *extra]) == 0
     ((name, job),) = jobs
-    assert name == "dinov2:predict" and job.result() == 0
-    results = json.loads((tmp_path / f"job_{job.job_id}" / "predictions.json").read_text())
-    assert results["probe"] == "linear" and results["datasets"][test]["n_images"] == 6
-    assert results["eval_transform"] == {"resize_size": 32, "crop_size": 32, "draft_reducing_gap": 2.0}
+    assert name == f"dinov2:{module}" and job.result() == 0
+    if module == "predict":
+        results = json.loads((tmp_path / f"job_{job.job_id}" / "predictions.json").read_text())
+        assert results["probe"] == "linear" and results["datasets"][test]["n_images"] == 6
+        assert results["eval_transform"] == {"resize_size": 32, "crop_size": 32, "draft_reducing_gap": 2.0}
+    else:
+        results = json.loads((tmp_path / f"job_{job.job_id}" / "explanations.json").read_text())
+        selection = results["datasets"][test]["selection"]
+        assert results["probe"] == "linear" and selection["n_explained"] == selection["n_groups"] == 2
+        assert sum(group["n_images"] for group in results["datasets"][test]["groups"]) == 6
+
+
+def test_explain_refuses_several_processes(monkeypatch, tmp_path):
+    from dinov2.eval import explain
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    args = explain.get_args_parser().parse_args(["--classifier", "c", "--datasets", "d", "--output-dir",
+                                                 str(tmp_path)])
+    with pytest.raises(ValueError, match="runs in one process, not 2"):
+        explain.main(args)

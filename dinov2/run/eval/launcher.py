@@ -1,4 +1,4 @@
-"""Shared submitit plumbing of the evaluation launchers `dinov2/run/eval/{knn,linear,log_regression,predict}.py`."""
+"""Shared submitit plumbing of the evaluation launchers `dinov2/run/eval/{knn,linear,log_regression,predict,explain}.py`."""
 
 import argparse
 import importlib
