@@ -48,8 +48,9 @@ REPORT_NAME = "report.html"
 SELECTIONS = ("positive", "errors", "all")
 SCORE_BATCH = 64  # images scored at once while selecting the devices
 MAPS = {
-    "evidence": "gradient x input of the positive log-odds on the patch tokens entering the first block the "
-                "classifier reads, summed over channels; red pushes towards positive, blue towards class 0",
+    "evidence": "gradient x input of the positive log-odds on each patch's embedding (its content, before the "
+                "position embedding), summed over channels: to first order, how much the log-odds would fall without "
+                "the patch's content; red pushes towards positive, blue towards the first class",
     "attention": "the class token's attention to each patch in the last block, mean over heads",
     "pca": "the first three principal components of the last block's patch tokens of the device's photos, as RGB",
 }
