@@ -2,20 +2,22 @@
 
     python -m dinov2.eval.explain --config-file C --pretrained-weights W \\
         --classifier <probe output dir>/linear_classifier.pth --datasets BBU:root=R:split=TEST --output-dir D \\
-        [--select positive|errors|all] [--groups 17 42] [--max-groups 50]
+        [--select positive|errors|all] [--groups 17 42] [--max-groups 50] [--anomaly-reference BBU:root=R:split=TRAIN]
 
 Every device of the datasets is scored as `dinov2.eval.predictor.Predictor` scores it (same backbone check, eval
 transform, classifier and thresholds). The selected devices (`--select`: decided positive, the default; decided
 against their labels; all of them; or the `--groups` named), highest score first and at most `--max-groups` per dataset,
 are explained with the maps of `dinov2.eval.saliency`: where the photo's evidence for "positive" lies, where the
-backbone looks, and the parts it tells apart.
+backbone looks, and the parts it tells apart; with `--anomaly-reference`, also where the photo is unlike every patch
+of the reference dataset's good photos (`PatchBank`, about `--anomaly-bank-size` of their patches).
 
 Outputs in --output-dir, for dataset tag S and device G:
     report.html                 the selected devices, highest score first: scores, decisions, labels, figures
-    explanations.json           classifier, thresholds; per dataset the selection and per device its images' scores,
-                                decisions, unfamiliarity and the crop box of most positive evidence
-    devices/S_G.png             the device's photos (eval crop) beside their evidence, attention and PCA maps
-    devices/S_G.npz             the maps as arrays (paths, evidence, attention, pca, scores) for other tools
+    explanations.json           classifier, thresholds, anomaly reference; per dataset the selection and per device its
+                                images' scores, decisions, unfamiliarity and the crop boxes of most positive evidence
+                                and of most anomaly
+    devices/S_G.png             the device's photos (eval crop) beside their evidence, attention, PCA (and anomaly) maps
+    devices/S_G.npz             the maps as arrays (paths, scores, evidence, attention, pca[, anomaly]) for other tools
 """
 
 import argparse
@@ -36,8 +38,8 @@ from dinov2.data.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from dinov2.eval.features import dataset_group_ids, split_tag
 from dinov2.eval.predictor import Predictor
 from dinov2.eval.reports import unique_tag, write_json_atomic
-from dinov2.eval.saliency import Explanation
-from dinov2.eval.setup import non_negative_int, get_classifier_args_parser
+from dinov2.eval.saliency import Explanation, PatchBank, map_peak
+from dinov2.eval.setup import get_classifier_args_parser, non_negative_int, positive_int
 from dinov2.logging import setup_logging
 from dinov2.utils.utils import atomic_write
 
@@ -53,6 +55,8 @@ MAPS = {
                 "the patch's content; red pushes towards positive, blue towards the first class",
     "attention": "the class token's attention to each patch in the last block, mean over heads",
     "pca": "the first three principal components of the last block's patch tokens of the device's photos, as RGB",
+    "anomaly": "the cosine distance of each patch token to the nearest patch of the reference photos (good devices, "
+               "--anomaly-reference): high where the photo is unlike all of them, whatever the classifier learnt",
 }
 
 
@@ -71,7 +75,13 @@ def get_args_parser(
                         help="Explain these group (device) ids instead of --select; each must be in every dataset")
     parser.add_argument("--max-groups", type=non_negative_int, default=50,
                         help="At most this many devices per dataset, highest score first (0: no limit)")
-    parser.add_argument("--decode-threads", type=int, default=4, help="Threads decoding a device's photos")
+    parser.add_argument("--decode-threads", type=positive_int, default=4, help="Threads decoding a device's photos")
+    parser.add_argument("--anomaly-reference", default=None,
+                        help="Dataset of good devices (its photos labelled with the first class; all photos if it has "
+                             "no labels) whose patches the anomaly map compares with, e.g. BBU:root=R:split=TRAIN")
+    parser.add_argument("--anomaly-bank-size", type=positive_int, default=100_000,
+                        help="About this many reference patches, drawn evenly from the reference photos")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the draw of the reference patches")
     return parser
 
 
@@ -155,78 +165,122 @@ def crop_pixels(images: torch.Tensor) -> np.ndarray:
     return (images.float().cpu() * std + mean).clamp(0, 1).permute(0, 2, 3, 1).numpy()
 
 
-def render_device(path: str, images: torch.Tensor, explanation: Explanation, result: Dict[str, List[Dict]],
+PANELS = {  # map -> panel title; the figure's columns after the photo, in this order
+    "evidence": "evidence for positive",
+    "attention": "class-token attention",
+    "pca": "patch PCA",
+    "anomaly": "unlike the reference photos",
+}
+
+
+def device_maps(explanation: Explanation, bank: Optional[PatchBank]) -> Dict[str, np.ndarray]:
+    """The maps of a device's photos: those of `explanation`, + `anomaly` (N, h, w) with a patch bank."""
+    maps = {"evidence": explanation.evidence, "attention": explanation.attention, "pca": explanation.pca}
+    if bank is not None:
+        maps["anomaly"] = bank.anomaly(explanation.patch_tokens).reshape(explanation.evidence.shape)
+    return maps
+
+
+def render_device(path: str, images: torch.Tensor, maps: Dict[str, np.ndarray], result: Dict[str, List[Dict]],
                   patch_size: int, title: str) -> None:
-    """One row per photo: the eval crop, its evidence (one colour scale for the device, so the photos compare), its
-    attention and its PCA map, overlaid on the crop; written atomically as a PNG."""
+    """One row per photo: the eval crop and its maps overlaid on it, evidence and anomaly each on one colour scale for
+    the device (so its photos compare), attention per photo; written atomically as a PNG."""
     pixels = crop_pixels(images)
-    n = len(pixels)
-    rows, cols = explanation.evidence.shape[1:]
+    n, columns = len(pixels), 1 + len(maps)
+    rows, cols = maps["evidence"].shape[1:]
     extent = (0, cols * patch_size, rows * patch_size, 0)  # the crop area the patch grid covers
-    scale = float(np.abs(explanation.evidence).max()) or 1.0
-    figure = Figure(figsize=(10.5, 2.9 * n + 0.5))
+    evidence_scale = float(np.abs(maps["evidence"]).max()) or 1.0
+    styles = {
+        "evidence": {"cmap": "RdBu_r", "norm": TwoSlopeNorm(0.0, -evidence_scale, evidence_scale)},
+        "attention": {"cmap": "inferno"},
+        "anomaly": {"cmap": "magma", "vmin": 0.0, "vmax": float(maps["anomaly"].max()) or 1.0} if "anomaly" in maps
+        else {},
+    }
+    figure = Figure(figsize=(2.6 * columns + 0.1, 2.9 * n + 0.5))
     FigureCanvasAgg(figure)
     figure.suptitle(title, fontsize=10)
-    for i in range(n):
-        image = result["images"][i]
-        gray = pixels[i].mean(axis=2)
-        name = os.path.basename(image["path"])
+    for i, image in enumerate(result["images"]):
         unfamiliar = " (unfamiliar)" if image["unfamiliar"] else ""
-        panels = [
-            (f"{name}: {image['score']:.3f} {'positive' if image['positive'] else 'negative'}{unfamiliar}", None),
-            ("evidence for positive", "evidence"),
-            ("class-token attention", "attention"),
-            ("patch PCA", "pca"),
-        ]
-        for j, (label, key) in enumerate(panels):
-            axes = figure.add_subplot(n, 4, 4 * i + j + 1)
+        decision = "positive" if image["positive"] else "negative"
+        titles = [f"{os.path.basename(image['path'])}: {image['score']:.3f} {decision}{unfamiliar}",
+                  *(PANELS[key] for key in maps)]
+        for j, (label, key) in enumerate(zip(titles, [None, *maps])):
+            axes = figure.add_subplot(n, columns, columns * i + j + 1)
             axes.set_axis_off()
             axes.set_title(label, fontsize=8)
             if key is None:
                 axes.imshow(pixels[i])
-            elif key == "evidence":
-                axes.imshow(gray, cmap="gray")
-                axes.imshow(explanation.evidence[i], cmap="RdBu_r", norm=TwoSlopeNorm(0.0, -scale, scale), alpha=0.6,
-                            extent=extent, interpolation="bilinear")
-            elif key == "attention":
-                axes.imshow(gray, cmap="gray")
-                axes.imshow(explanation.attention[i], cmap="inferno", alpha=0.6, extent=extent,
-                            interpolation="bilinear")
+            elif key == "pca":
+                axes.imshow(maps[key][i], extent=extent, interpolation="nearest")
             else:
-                axes.imshow(explanation.pca[i], extent=extent, interpolation="nearest")
+                axes.imshow(pixels[i].mean(axis=2), cmap="gray")
+                axes.imshow(maps[key][i], alpha=_overlay_alpha(key, maps[key][i], styles[key]), extent=extent,
+                            interpolation="bilinear", **styles[key])
             axes.set_xlim(0, pixels.shape[2])
             axes.set_ylim(pixels.shape[1], 0)
     figure.tight_layout()
     atomic_write(path, lambda f: figure.savefig(f, format="png", dpi=80))
 
 
-def save_maps(path: str, explanation: Explanation, result: Dict[str, List[Dict]]) -> None:
+def _overlay_alpha(key: str, grid_map: np.ndarray, style: Dict[str, object]):
+    """Opacity of a map over the photo: for evidence and anomaly it grows with the value's share of the device's scale
+    (0.1 to 0.8), so weak values leave the photo visible; attention 0.6 everywhere."""
+    if key == "attention":
+        return 0.6
+    scale = style["norm"].vmax if key == "evidence" else style["vmax"]
+    return 0.1 + 0.7 * np.clip(np.abs(grid_map) / scale, 0.0, 1.0)
+
+
+def save_maps(path: str, maps: Dict[str, np.ndarray], result: Dict[str, List[Dict]]) -> None:
     arrays = {
         "paths": np.array([image["path"] for image in result["images"]]),
         "scores": np.array([image["score"] for image in result["images"]]),
-        "evidence": explanation.evidence,
-        "attention": explanation.attention,
-        "pca": explanation.pca,
+        **maps,
     }
     atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
 
 
-def explain_group(predictor: Predictor, output_dir: str, stem: str, group_id: str,
-                  images: List[Tuple[str, int]]) -> Dict[str, object]:
+def explain_group(predictor: Predictor, output_dir: str, stem: str, group_id: str, images: List[Tuple[str, int]],
+                  bank: Optional[PatchBank]) -> Dict[str, object]:
     """Explain one device: its figure and maps files, and its entry of `explanations.json`."""
     result, explanation, batch = predictor.explain([path for path, _ in images], [group_id] * len(images))
+    maps = device_maps(explanation, bank)
     (group,) = result["groups"]
     label = group_label(images)
     verdict = "POSITIVE" if group["positive"] else "negative"
     title = (f"device {group_id}: score {group['score']:.3f} (threshold "
              f"{predictor.thresholds['group']['threshold']:.3f}) -> {verdict}"
              + ("" if label is None else f"; label {predictor.saved.class_names[0] if label == 0 else 'positive'}"))
-    figure, maps = f"devices/{stem}.png", f"devices/{stem}.npz"
-    render_device(os.path.join(output_dir, figure), batch, explanation, result, predictor.patch_size, title)
-    save_maps(os.path.join(output_dir, maps), explanation, result)
-    for image, (_, image_label) in zip(result["images"], images):
+    figure, maps_file = f"devices/{stem}.png", f"devices/{stem}.npz"
+    render_device(os.path.join(output_dir, figure), batch, maps, result, predictor.patch_size, title)
+    save_maps(os.path.join(output_dir, maps_file), maps, result)
+    for i, (image, (_, image_label)) in enumerate(zip(result["images"], images)):
         image["label"] = None if image_label < 0 else image_label
-    return {**group, "label": label, "figure": figure, "maps": maps, "images": result["images"]}
+        image["anomaly_peak"] = map_peak(maps["anomaly"][i], predictor.patch_size) if bank is not None else None
+    return {**group, "label": label, "figure": figure, "maps": maps_file, "images": result["images"]}
+
+
+def build_patch_bank(predictor: Predictor, dataset_str: str, max_patches: int, seed: int
+                     ) -> Tuple[PatchBank, Dict[str, object]]:
+    """The patch bank of a reference dataset's good photos: those labelled with the first class, or every photo of a
+    dataset with no labels at all (a pool of good devices); and a record of it."""
+    dataset = make_dataset(dataset_str=dataset_str)
+    labels = np.asarray(dataset.get_targets(), dtype=np.int64)
+    keep = labels == 0 if (labels >= 0).any() else np.ones(len(labels), dtype=bool)
+    paths = [dataset.get_image_path(i) for i in np.flatnonzero(keep)]
+    if not paths:
+        raise ValueError(f"--anomaly-reference {dataset_str} has no photo labelled {predictor.saved.class_names[0]!r}"
+                         " (class 0) to take the reference patches from")
+    logger.info(f"Patch bank: at most about {max_patches} patches of {len(paths)} reference photos of {dataset_str}")
+    bank = PatchBank.sample(predictor.patch_tokens(paths), len(paths), max_patches, seed)
+    return bank, {"dataset": dataset_str, "n_images": len(paths), "n_patches": len(bank), "seed": seed}
+
+
+def _peak_cell(group: Dict[str, object], key: str) -> str:
+    """The photo of a device with the highest peak of a map: its name, the patch's crop box and the value."""
+    image = max(group["images"], key=lambda image: image[key]["value"])
+    return (f"{html.escape(os.path.basename(image['path']))} box {image[key]['box']} "
+            f"({image[key]['value']:.3g})")
 
 
 def write_html_report(path: str, results: Dict[str, object]) -> None:
@@ -240,25 +294,29 @@ def write_html_report(path: str, results: Dict[str, object]) -> None:
         f"<p>Classifier <code>{e(results['classifier'])}</code>, group threshold "
         f"{results['thresholds']['group']['threshold']:.4f} ({e(results['thresholds']['group_aggregation'])} of the "
         "images), image threshold " f"{results['thresholds']['image']['threshold']:.4f}.</p><ul>",
-        *(f"<li><b>{e(name)}</b>: {e(text)}</li>" for name, text in MAPS.items()),
+        *(f"<li><b>{e(name)}</b>: {e(text)}</li>" for name, text in results["maps"].items()),
         "</ul>",
     ]
+    reference = results["anomaly_reference"]
+    if reference:
+        parts.append(f"<p>Anomaly reference: {reference['n_patches']} patches of {reference['n_images']} photos of "
+                     f"{e(reference['dataset'])}.</p>")
     for dataset_str, entry in results["datasets"].items():
         selection = entry["selection"]
         parts.append(f"<h2>{e(dataset_str)}</h2><p>{selection['n_explained']} of {selection['n_groups']} devices "
                      f"explained (selection: {e(selection['select'])}; {selection['n_candidates']} selected, "
                      f"{len(selection['left_out_by_max_groups'])} left out by --max-groups).</p>")
         parts.append("<table><tr><th>device</th><th>photos</th><th>score</th><th>decision</th><th>label</th>"
-                     "<th>unfamiliar photos</th><th>most positive evidence</th></tr>")
+                     "<th>unfamiliar photos</th><th>most positive evidence</th>"
+                     + ("<th>most unlike the reference</th>" if reference else "") + "</tr>")
         for group in entry["groups"]:
-            peak = max(group["images"], key=lambda image: image["evidence_peak"]["value"])
             decision = "<span class='pos'>positive</span>" if group["positive"] else "negative"
             label = "" if group["label"] is None else ("positive" if group["label"] else "negative")
             unfamiliar = "n/a" if group["n_unfamiliar"] is None else group["n_unfamiliar"]
             parts.append(f"<tr><td><a href='#{e(group['figure'])}'>{e(group['group_id'])}</a></td>"
                          f"<td>{group['n_images']}</td><td>{group['score']:.4f}</td><td>{decision}</td>"
-                         f"<td>{label}</td><td>{unfamiliar}</td><td>{e(os.path.basename(peak['path']))} box "
-                         f"{peak['evidence_peak']['box']}</td></tr>")
+                         f"<td>{label}</td><td>{unfamiliar}</td><td>{_peak_cell(group, 'evidence_peak')}</td>"
+                         + (f"<td>{_peak_cell(group, 'anomaly_peak')}</td>" if reference else "") + "</tr>")
         parts.append("</table>")
         for group in entry["groups"]:
             parts.append(f"<h3 id='{e(group['figure'])}'>device {e(group['group_id'])}</h3>"
@@ -278,9 +336,14 @@ def run_explain(args: argparse.Namespace) -> Dict[str, object]:
         "backbone_sha256": predictor.saved.source["backbone_sha256"],
         "class_names": predictor.saved.class_names,
         "thresholds": predictor.thresholds,
-        "maps": MAPS,
+        "maps": {key: text for key, text in MAPS.items() if key != "anomaly" or args.anomaly_reference},
+        "anomaly_reference": None,
         "datasets": {},
     }
+    bank = None
+    if args.anomaly_reference:
+        bank, results["anomaly_reference"] = build_patch_bank(predictor, args.anomaly_reference,
+                                                              args.anomaly_bank_size, args.seed)
     tags: set = set()
     stems: set = set()
     for dataset_str in dict.fromkeys(args.dataset_strs):
@@ -294,7 +357,7 @@ def run_explain(args: argparse.Namespace) -> Dict[str, object]:
         tag = unique_tag(split_tag(dataset_str), tags)
         chosen, selection = select_groups(predictor, groups, dataset_str, args.select, args.groups, args.max_groups)
         logger.info(f"{dataset_str}: explaining {len(chosen)} of {len(groups)} devices ({selection['select']})")
-        explained = [explain_group(predictor, args.output_dir, file_stem(tag, gid, stems), gid, groups[gid])
+        explained = [explain_group(predictor, args.output_dir, file_stem(tag, gid, stems), gid, groups[gid], bank)
                      for gid in chosen]
         results["datasets"][dataset_str] = {"tag": tag, "selection": selection, "groups": explained}
     write_json_atomic(os.path.join(args.output_dir, RESULTS_NAME), results)

@@ -17,7 +17,7 @@ import argparse
 import copy
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -27,7 +27,7 @@ from dinov2.data.transforms import make_classification_eval_transform
 from dinov2.eval.export import INPUT_NAME, read_metadata
 from dinov2.eval.features import ProbeFeatureModel, backbone_fingerprint, split_feature_rows
 from dinov2.eval.metrics import aggregate_groups, positive_scores
-from dinov2.eval.saliency import Explainer, Explanation, evidence_peak
+from dinov2.eval.saliency import Explainer, Explanation, map_peak
 from dinov2.eval.saved_probe import check_backbone, load_probe_classifier
 from dinov2.eval.setup import build_model_for_eval, get_autocast_dtype
 from dinov2.eval.utils import make_autocast_ctx
@@ -130,9 +130,9 @@ class Predictor(PhotoScorer):
         self.device = next(model.parameters()).device
         autocast_dtype = get_autocast_dtype(config) if self.device.type == "cuda" else torch.float32
         self.n_blocks = self.saved.head.n_blocks
-        autocast_ctx = make_autocast_ctx(autocast_dtype, self.device)
-        self.feature_model = ProbeFeatureModel(model, self.n_blocks, autocast_ctx)
-        self.explainer = Explainer(model, copy.deepcopy(self.saved.head).to(self.device), autocast_ctx)
+        self.backbone, self.autocast_ctx = model, make_autocast_ctx(autocast_dtype, self.device)
+        self.feature_model = ProbeFeatureModel(model, self.n_blocks, self.autocast_ctx)
+        self.explainer = Explainer(model, copy.deepcopy(self.saved.head).to(self.device), self.autocast_ctx)
         self.patch_size = int(model.patch_size)
 
     def _image_scores(self, batch: torch.Tensor) -> Tuple[np.ndarray, Optional[np.ndarray]]:
@@ -143,10 +143,20 @@ class Predictor(PhotoScorer):
         return positive_scores(self.saved.score_tokens(cls, patch_mean)), unfamiliarity
 
 
+    def patch_tokens(self, paths: Sequence[str], batch_size: int = 32) -> Iterator[torch.Tensor]:
+        """The last block's normalised patch tokens (n, P, D) float32 of image files, `batch_size` photos at a time:
+        `Explanation.patch_tokens` of the same photos, without gradients (for `dinov2.eval.saliency.PatchBank`)."""
+        dtype = next(self.backbone.parameters()).dtype
+        for start in range(0, len(paths), batch_size):
+            batch = self._decode(ImagePaths(paths=paths[start : start + batch_size], transform=self.transform))
+            with torch.inference_mode(), self.autocast_ctx():
+                tokens = self.backbone.forward_features(batch.to(self.device, dtype))["x_norm_patchtokens"]
+            yield tokens.float().cpu()
+
     def explain(self, paths: Sequence[str], group_ids: Optional[Sequence[str]] = None
                 ) -> Tuple[Dict[str, List[Dict]], Explanation, torch.Tensor]:
         """`score` of image files with the maps that explain each image's score (`dinov2.eval.saliency`): returns
-        `score`'s result, whose images also get the patch of most positive `evidence` (`evidence_peak`), the
+        `score`'s result, whose images also get the patch of most positive `evidence` (`map_peak`), the
         `Explanation` of the images (scores from the same forward pass) and the transformed images (N, 3, S, S)."""
         return self._explain(ImagePaths(paths=paths, transform=self.transform), [str(p) for p in paths], group_ids)
 
@@ -164,7 +174,7 @@ class Predictor(PhotoScorer):
         unfamiliarity = None if self.ood is None else self.ood.unfamiliarity(explanation.cls).numpy()
         result = self._decide(names, group_ids, positive_scores(explanation.probabilities), unfamiliarity)
         for image, evidence in zip(result["images"], explanation.evidence):
-            image["evidence_peak"] = evidence_peak(evidence, self.patch_size)
+            image["evidence_peak"] = map_peak(evidence, self.patch_size)
         return result, explanation, batch
 
 

@@ -11,16 +11,21 @@ For a batch of eval-transformed images, `Explainer` runs the backbone once with 
 - `attention` (N, h, w): the class token's attention to each patch in the last block, mean over heads: where the
   backbone looks, whatever the classifier;
 - `pca` (N, h, w, 3): the first three principal components of the last block's patch tokens, fitted on the batch
-  (one device's photos) and scaled to [0, 1]: the parts the backbone tells apart, shown as colours.
+  (one device's photos) and scaled to [0, 1]: the parts the backbone tells apart, shown as colours;
+- `patch_tokens` (N, h * w, D): those tokens, for `PatchBank.anomaly`: the cosine distance of each patch to the
+  nearest patch of reference photos (good devices), high where the photo is unlike all of them, whatever the
+  classifier learnt.
 """
 
 import dataclasses
 import math
+from typing import Iterable
 from contextlib import nullcontext
 from typing import Callable, ContextManager
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dinov2.eval.knn import KnnHead
@@ -40,6 +45,7 @@ class Explanation:
     evidence: np.ndarray  # (N, h, w) float32
     attention: np.ndarray  # (N, h, w) float32
     pca: np.ndarray  # (N, h, w, 3) float32 in [0, 1]
+    patch_tokens: torch.Tensor  # (N, h * w, D) float32, the last block's, normalised by the final norm
 
 
 def positive_log_odds(head: nn.Module, cls: torch.Tensor, patch_mean: torch.Tensor) -> torch.Tensor:
@@ -120,7 +126,8 @@ class Explainer:
                 if i >= self.first_read:
                     outputs.append(self.backbone.norm(x))
             cls = torch.stack([out[:, 0].float() for out in outputs], dim=1)
-            patch_mean = outputs[-1][:, self.n_prefix :].float().mean(dim=1)
+            patch_tokens = outputs[-1][:, self.n_prefix :].float()
+            patch_mean = patch_tokens.mean(dim=1)
             probabilities = self.head(cls, patch_mean)
             log_odds = positive_log_odds(self.head, cls, patch_mean)
             (gradient,) = torch.autograd.grad(log_odds.sum(), contents[0])
@@ -133,16 +140,56 @@ class Explainer:
             cls=cls.detach().cpu(),
             evidence=evidence.reshape(batch, *grid).cpu().numpy(),
             attention=attention.float().reshape(batch, *grid).cpu().numpy(),
-            pca=pca_rgb(outputs[-1][:, self.n_prefix :].detach().float().cpu()).reshape(
-                batch, *grid, PCA_COMPONENTS).numpy(),
+            pca=pca_rgb(patch_tokens.detach().cpu()).reshape(batch, *grid, PCA_COMPONENTS).numpy(),
+            patch_tokens=patch_tokens.detach().cpu(),
         )
 
 
-def evidence_peak(evidence: np.ndarray, patch_size: int) -> dict:
-    """The patch of an (h, w) evidence map that pushes most towards positive: its row, column, value and pixel box
-    [x0, y0, x1, y1] in the eval crop."""
-    row, col = np.unravel_index(int(np.argmax(evidence)), evidence.shape)
-    return {"row": int(row), "col": int(col), "value": float(evidence[row, col]),
+def map_peak(grid_map: np.ndarray, patch_size: int) -> dict:
+    """The patch of an (h, w) map with the highest value (for the evidence: the one that pushes most towards
+    positive): its row, column, value and pixel box [x0, y0, x1, y1] in the eval crop."""
+    row, col = np.unravel_index(int(np.argmax(grid_map)), grid_map.shape)
+    return {"row": int(row), "col": int(col), "value": float(grid_map[row, col]),
             "box": [int(col * patch_size), int(row * patch_size), int((col + 1) * patch_size),
                     int((row + 1) * patch_size)]}
 
+
+
+class PatchBank:
+    """L2-normalised patch tokens (M, D) of reference photos (good devices, `sample`): a patch's anomaly is its cosine
+    distance to the nearest of them, 1 - max_j cos(x, b_j), in [0, 2]; 0 for a patch the bank holds."""
+
+    chunk = 65536  # bank rows compared at once: bounds the (patches x rows) similarity matrix
+
+    def __init__(self, tokens: torch.Tensor) -> None:
+        if tokens.ndim != 2 or not len(tokens):
+            raise ValueError(f"a patch bank needs (M >= 1, D) tokens, got shape {tuple(tokens.shape)}")
+        self.tokens = F.normalize(tokens.float(), dim=1)
+
+    @classmethod
+    def sample(cls, token_batches: Iterable[torch.Tensor], n_images: int, max_patches: int, seed: int) -> "PatchBank":
+        """A bank of at most about `max_patches` tokens from batches (n, P, D) of `n_images` photos' patch tokens:
+        the same number drawn at random from each photo (ceil(max_patches / n_images), all P if fewer), seeded."""
+        per_image = max(1, math.ceil(max_patches / max(n_images, 1)))
+        generator = torch.Generator().manual_seed(seed)
+        kept = []
+        for batch in token_batches:
+            for tokens in batch:
+                take = torch.randperm(len(tokens), generator=generator)[:per_image]
+                kept.append(tokens[take.sort().values].float())
+        if not kept:
+            raise ValueError("no reference photos for the patch bank")
+        return cls(torch.cat(kept))
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def anomaly(self, patch_tokens: torch.Tensor) -> np.ndarray:
+        """(N, P, D) patch tokens -> (N, P) float32 cosine distance of each to its nearest bank token."""
+        n, p, d = patch_tokens.shape
+        query = F.normalize(patch_tokens.reshape(n * p, d).float(), dim=1)
+        nearest = torch.full((n * p,), -1.0)
+        for start in range(0, len(self.tokens), self.chunk):
+            similarity = query @ self.tokens[start : start + self.chunk].T
+            nearest = torch.maximum(nearest, similarity.max(dim=1).values)
+        return (1.0 - nearest).clamp_min(0.0).reshape(n, p).numpy()

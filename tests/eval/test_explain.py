@@ -11,10 +11,11 @@ from test_predict import write_annotations
 
 from dinov2.eval import explain
 from dinov2.eval.predictor import Predictor
-from dinov2.eval.saliency import evidence_peak
+from dinov2.eval.saliency import map_peak
 
 GROUP_KEYS = ["group_id", "n_images", "score", "positive", "n_unfamiliar", "label", "figure", "maps", "images"]
-IMAGE_KEYS = ["path", "group_id", "score", "positive", "unfamiliarity", "unfamiliar", "evidence_peak", "label"]
+IMAGE_KEYS = ["path", "group_id", "score", "positive", "unfamiliarity", "unfamiliar", "evidence_peak", "label",
+              "anomaly_peak"]
 
 
 def read_rows(path) -> list:
@@ -38,7 +39,7 @@ def test_explained_scores_are_the_predictors(probe, teacher_run, sample_root, ev
     scored = predictor.score(photos, groups)
     peaks = [image.pop("evidence_peak") for image in result["images"]]
     assert result == scored
-    assert peaks == [evidence_peak(e, 16) for e in explanation.evidence]
+    assert peaks == [map_peak(e, 16) for e in explanation.evidence]
     assert explanation.evidence.shape == explanation.attention.shape == (6, 4, 4)  # 64 px crops, 16 px patches
     assert explanation.pca.shape == (6, 4, 4, 3) and tuple(batch.shape) == (6, 3, 64, 64)
     # a classifier whose score moves with the photo has evidence; one that ignores it (a fit to the prior) has none
@@ -65,7 +66,8 @@ def test_cli_explains_the_selected_devices_highest_score_first(tmp_path, teacher
         results = run_explain(eval_config, teacher_checkpoint, classifier, output, "--datasets", test,
                               "--select", select)
         assert list(results) == ["classifier", "probe", "pretrained_weights", "backbone_sha256", "class_names",
-                                 "thresholds", "maps", "datasets"]
+                                 "thresholds", "maps", "anomaly_reference", "datasets"]
+        assert list(results["maps"]) == ["evidence", "attention", "pca"] and results["anomaly_reference"] is None
         entry = results["datasets"][test]
         explained = entry["groups"]
         assert sorted(g["group_id"] for g in explained) == sorted(groups)
@@ -88,6 +90,8 @@ def test_cli_explains_the_selected_devices_highest_score_first(tmp_path, teacher
             np.testing.assert_array_equal(maps["attention"], explanation.attention)
             np.testing.assert_array_equal(maps["pca"], explanation.pca)
             assert maps["scores"].tolist() == [image["score"] for image in result["images"]]
+            assert sorted(maps.files) == ["attention", "evidence", "paths", "pca", "scores"]
+            assert all(image["anomaly_peak"] is None for image in group["images"])
         assert sorted(p.name for p in (output / "devices").iterdir()) == sorted(
             f"test_{g}.{ext}" for g in groups for ext in ("png", "npz"))
     # named devices, a cap on their number
@@ -120,3 +124,39 @@ def test_bad_selections_are_named(tmp_path, teacher_run, sample_root, eval_confi
         run_explain(eval_config, teacher_checkpoint, classifier, tmp_path, "--datasets", three_class)
     with pytest.raises(SystemExit):
         explain.get_args_parser().parse_args(["--classifier", "c", "--datasets", test, "--max-groups", "-1"])
+
+
+def test_anomaly_map_is_zero_on_the_reference_photos(tmp_path, teacher_run, sample_root, eval_config,
+                                                     teacher_checkpoint):
+    """With the test split's own negative photos as the reference and a bank that holds all their patches, those
+    photos are like the reference everywhere (anomaly 0) and the positive ones are not."""
+    teacher_dir, _ = teacher_run
+    test = dataset_str(sample_root, "TEST")
+    results = run_explain(eval_config, teacher_checkpoint, teacher_dir / "linear_classifier.pth", tmp_path / "a",
+                          "--datasets", test, "--select", "all", "--anomaly-reference", test,
+                          "--anomaly-bank-size", "100000")
+    annotations = json.loads((sample_root / "annotations" / "test.json").read_text())["data_list"]
+    n_negative = sum(entry["gt_label"] == 0 for entry in annotations)
+    assert results["anomaly_reference"] == {"dataset": test, "n_images": n_negative, "n_patches": 16 * n_negative,
+                                            "seed": 0}
+    assert list(results["maps"]) == ["evidence", "attention", "pca", "anomaly"]
+    images = [image for group in results["datasets"][test]["groups"] for image in group["images"]]
+    assert {image["label"] for image in images} == {0, 1}
+    for group in results["datasets"][test]["groups"]:
+        anomaly = np.load(tmp_path / "a" / group["maps"])["anomaly"]
+        assert anomaly.shape == (group["n_images"], 4, 4)
+        for image, grid in zip(group["images"], anomaly):
+            assert image["anomaly_peak"]["value"] == pytest.approx(float(grid.max()))
+            if image["label"] == 0:
+                assert grid.max() < 1e-5
+            else:
+                assert grid.max() > 1e-3
+    assert "most unlike the reference" in (tmp_path / "a" / "report.html").read_text()
+    positives = dataset_str(sample_root, "TEST", "explain_positives.json")
+    content = json.loads((sample_root / "annotations" / "test.json").read_text())
+    content["data_list"] = [entry for entry in annotations if entry["gt_label"] == 1]
+    (sample_root / "annotations" / "explain_positives.json").write_text(json.dumps(content))
+    with pytest.raises(ValueError, match="--anomaly-reference .*explain_positives.json has no photo labelled "
+                                         "'negative'"):
+        run_explain(eval_config, teacher_checkpoint, teacher_dir / "linear_classifier.pth", tmp_path / "b",
+                    "--datasets", test, "--anomaly-reference", positives)

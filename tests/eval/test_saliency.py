@@ -8,7 +8,9 @@ import torch.nn.functional as F
 from dinov2.eval.knn import KnnHead
 from dinov2.eval.linear import LinearClassifier, LinearProbeHead
 from dinov2.eval.log_regression import LogRegressionHead
-from dinov2.eval.saliency import Explainer, class_token_attention, evidence_peak, pca_rgb, positive_log_odds
+from dinov2.eval.saliency import (
+    Explainer, PatchBank, class_token_attention, map_peak, pca_rgb, positive_log_odds,
+)
 from dinov2.eval.utils import make_autocast_ctx
 from dinov2.models.vision_transformer import DinoVisionTransformer
 
@@ -159,9 +161,9 @@ def test_knn_log_odds_is_the_vote_over_every_training_image():
         one_sided.soft_log_odds(cls)
 
 
-def test_evidence_peak_is_the_most_positive_patch_in_crop_pixels():
+def test_map_peak_is_the_highest_patch_in_crop_pixels():
     evidence = np.array([[0.1, -2.0, 0.3], [0.2, 0.9, -0.5]])
-    assert evidence_peak(evidence, 14) == {"row": 1, "col": 1, "value": 0.9, "box": [14, 14, 28, 28]}
+    assert map_peak(evidence, 14) == {"row": 1, "col": 1, "value": 0.9, "box": [14, 14, 28, 28]}
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -175,3 +177,40 @@ def test_mixed_precision_maps_follow_the_float32_ones(dtype):
     for name in ("evidence", "attention"):
         assert np.corrcoef(getattr(reference, name).ravel(), getattr(mixed, name).ravel())[0, 1] > 0.999, name
     np.testing.assert_allclose(mixed.log_odds, reference.log_odds, atol=0.1)
+
+
+def test_patch_bank_anomaly_is_the_cosine_distance_to_the_nearest_reference_patch():
+    torch.manual_seed(8)
+    reference = torch.randn(50, 8)
+    bank = PatchBank(reference)
+    bank.chunk = 16  # several chunks of the bank
+    query = torch.randn(2, 6, 8)
+    query[0, 2] = 3.0 * reference[7]  # a reference patch, scaled: the same direction
+    anomaly = bank.anomaly(query)
+    q = query.reshape(12, 8).numpy()
+    r = reference.numpy()
+    cosine = (q / np.linalg.norm(q, axis=1, keepdims=True)) @ (r / np.linalg.norm(r, axis=1, keepdims=True)).T
+    np.testing.assert_allclose(anomaly, (1.0 - cosine.max(axis=1)).reshape(2, 6), atol=1e-6)
+    assert anomaly[0, 2] == pytest.approx(0.0, abs=1e-6) and anomaly.shape == (2, 6)
+    with pytest.raises(ValueError, match=r"needs \(M >= 1, D\) tokens, got shape \(0, 4\)"):
+        PatchBank(torch.zeros(0, 4))
+
+
+def test_patch_bank_draws_evenly_from_every_photo_and_reproducibly():
+    torch.manual_seed(9)
+    batches = [torch.randn(3, 10, 4), torch.randn(2, 10, 4)]
+    bank = PatchBank.sample(iter(batches), n_images=5, max_patches=12, seed=0)  # ceil(12 / 5) = 3 per photo
+    assert len(bank) == 15
+    photos = torch.cat(batches)
+    for i, photo in enumerate(photos):
+        drawn = bank.tokens[3 * i : 3 * i + 3]
+        similarity = drawn @ F.normalize(photo, dim=1).T  # each drawn token is one of the photo's, all different
+        assert torch.allclose(similarity.max(dim=1).values, torch.ones(3))
+        assert len(set(similarity.argmax(dim=1).tolist())) == 3
+    again = PatchBank.sample(iter(batches), n_images=5, max_patches=12, seed=0)
+    other = PatchBank.sample(iter(batches), n_images=5, max_patches=12, seed=1)
+    assert torch.equal(again.tokens, bank.tokens) and not torch.equal(other.tokens, bank.tokens)
+    everything = PatchBank.sample(iter(batches), n_images=5, max_patches=1000, seed=0)
+    assert len(everything) == 50
+    with pytest.raises(ValueError, match="no reference photos"):
+        PatchBank.sample(iter([]), n_images=0, max_patches=10, seed=0)
