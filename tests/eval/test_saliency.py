@@ -168,7 +168,7 @@ def test_map_peak_is_the_highest_patch_in_crop_pixels():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_mixed_precision_maps_follow_the_float32_ones(dtype):
-    """Under autocast (the predictor's precision on CUDA; here the CPU's autocast) the maps are float32's to rounding."""
+    """Under autocast (the predictor's precision on CUDA; here the CPU's) the maps are float32's to rounding."""
     model, head = tiny_backbone().float(), linear_head(2)
     torch.manual_seed(7)
     images = torch.randn(2, 3, 24, 32)

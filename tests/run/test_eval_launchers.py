@@ -1,4 +1,5 @@
-"""dinov2.run.eval.{knn,linear,log_regression,predict,explain}: submitit launchers submit the named job, which runs the CLI."""
+"""dinov2.run.eval.{knn,linear,log_regression,predict,explain}: submitit launchers submit the named job, which runs
+the CLI."""
 
 import importlib
 import json
