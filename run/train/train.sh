@@ -21,8 +21,9 @@
 #   EXPORT      auto|true|false (default auto): export the teacher with its linear probe to ONNX
 #               ($OUTPUT_DIR/export/model.onnx, checked on the TEST split); auto = when onnx and onnxruntime are
 #               installed (pip install -e '.[export]')
-#   EXPLAIN     true|false (default true): heat maps of the TEST devices the teacher's linear probe decides positive
-#               ($OUTPUT_DIR/explain/report.html, at most 50 devices; dinov2.eval.explain)
+#   EXPLAIN     true|false (default true): heat maps of the TEST devices the teacher's linear probe decides positive,
+#               anomaly maps against the TRAIN split's negative photos ($OUTPUT_DIR/explain/report.html, at most 50
+#               devices; dinov2.eval.explain)
 set -euo pipefail
 
 cd "$(dirname "$0")/../.."
@@ -130,7 +131,8 @@ fi
 if [[ "$EXPLAIN" == true ]]; then
     echo "== heat maps of the $TEST_SPLIT devices decided positive by the teacher's linear probe"
     "$PYTHON" -m dinov2.eval.explain --config-file "$EVAL_CONFIG" --pretrained-weights "$TEACHER" \
-        --classifier "$CLASSIFIER" --datasets "$TEST_SPLIT" --output-dir "$OUTPUT_DIR/explain"
+        --classifier "$CLASSIFIER" --datasets "$TEST_SPLIT" --anomaly-reference "$TRAIN_SPLIT" \
+        --output-dir "$OUTPUT_DIR/explain"
 fi
 echo "== to score new images with the teacher and its linear probe (README: Scoring new images):"
 echo "$PYTHON -m dinov2.eval.predict --config-file $EVAL_CONFIG --pretrained-weights $TEACHER" \
