@@ -76,13 +76,18 @@ def get_args_parser(
     parser.add_argument("--max-groups", type=non_negative_int, default=50,
                         help="At most this many devices per dataset, highest score first (0: no limit)")
     parser.add_argument("--decode-threads", type=positive_int, default=4, help="Threads decoding a device's photos")
+    add_anomaly_arguments(parser)
+    return parser
+
+
+def add_anomaly_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of the anomaly map (explain, and the scoring service's explanations)."""
     parser.add_argument("--anomaly-reference", default=None,
                         help="Dataset of good devices (its photos labelled with the first class; all photos if it has "
                              "no labels) whose patches the anomaly map compares with, e.g. BBU:root=R:split=TRAIN")
     parser.add_argument("--anomaly-bank-size", type=positive_int, default=100_000,
                         help="About this many reference patches, drawn evenly from the reference photos")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the draw of the reference patches")
-    return parser
 
 
 def dataset_groups(dataset, dataset_str: str) -> Dict[str, List[Tuple[str, int]]]:

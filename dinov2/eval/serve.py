@@ -7,8 +7,10 @@
                    "group_ids": ["7", "7", ...]}              (group_ids optional: default all one device)
                -> Predictor.score's {"images": [...], "groups": [...]} + "latency_ms"
                   with "explain": true (torch model only), each image also gets its "evidence" and "attention"
-                  maps on the patch grid and its "evidence_peak" (dinov2/eval/saliency.py)
-    GET  /health  -> {"status": "ok", "model": probe, classes, thresholds, backbone SHA-256, eval transform}
+                  maps on the patch grid and its "evidence_peak" (dinov2/eval/saliency.py); with
+                  --anomaly-reference also its "anomaly" map and "anomaly_peak" (dinov2/eval/explain.py)
+    GET  /health  -> {"status": "ok", "model": probe, classes, thresholds, backbone SHA-256, eval transform, anomaly
+                     reference}
     GET  /stats   -> requests, images and errors served; latency mean and percentiles over the last requests; the
                      share of unfamiliar images among the last images (dinov2/eval/ood.py): the line's drift
 
@@ -34,8 +36,10 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from dinov2.data.datasets import ImageDecodeError
+from dinov2.eval.explain import add_anomaly_arguments, build_patch_bank, device_maps
 from dinov2.eval.ood import ood_summary
 from dinov2.eval.predictor import OnnxPredictor, Predictor, PhotoScorer
+from dinov2.eval.saliency import PatchBank, map_peak
 from dinov2.eval.setup import get_args_parser as get_setup_args_parser
 from dinov2.logging import setup_logging
 
@@ -60,6 +64,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=8080, help="Port to listen on (0: any free port)")
     parser.add_argument("--decode-threads", type=int, default=4, help="Threads decoding the photos of a request")
     parser.add_argument("--max-request-mb", type=float, default=64.0, help="Largest request body accepted")
+    add_anomaly_arguments(parser)
     return parser
 
 
@@ -114,10 +119,12 @@ def parse_score_request(body: bytes) -> Tuple[List[Optional[str]], List[Optional
 class ScoringService:
     """A predictor behind a lock, with request counters and a window of latencies."""
 
-    def __init__(self, predictor: PhotoScorer, max_request_bytes: int) -> None:
+    def __init__(self, predictor: PhotoScorer, max_request_bytes: int,
+                 anomaly: Optional[Tuple[PatchBank, Dict[str, object]]] = None) -> None:
         self.predictor = predictor
         self.max_request_bytes = max_request_bytes
-        self.model = model_summary(predictor)
+        self.bank = None if anomaly is None else anomaly[0]
+        self.model = {**model_summary(predictor), "anomaly_reference": None if anomaly is None else anomaly[1]}
         self._lock = threading.Lock()
         self._latencies_ms: collections.deque = collections.deque(maxlen=LATENCY_WINDOW)
         self._unfamiliar: collections.deque = collections.deque(maxlen=UNFAMILIAR_WINDOW)
@@ -158,8 +165,12 @@ class ScoringService:
             result, explanation, _ = self.predictor.explain(paths, group_ids)
         else:
             result, explanation, _ = self.predictor.explain_encoded(encoded, names, group_ids)
-        for image, evidence, attention in zip(result["images"], explanation.evidence, explanation.attention):
-            image["evidence"], image["attention"] = evidence.tolist(), attention.tolist()
+        maps = device_maps(explanation, self.bank)
+        for i, image in enumerate(result["images"]):
+            image["evidence"], image["attention"] = maps["evidence"][i].tolist(), maps["attention"][i].tolist()
+            if self.bank is not None:
+                image["anomaly"] = maps["anomaly"][i].tolist()
+                image["anomaly_peak"] = map_peak(maps["anomaly"][i], self.predictor.patch_size)
         return result
 
     def count_error(self) -> None:
@@ -252,9 +263,21 @@ def build_predictor(args: argparse.Namespace) -> PhotoScorer:
                      decode_threads=args.decode_threads)
 
 
+def build_service(args: argparse.Namespace) -> ScoringService:
+    """The predictor of the options, with the patch bank of --anomaly-reference (torch model only)."""
+    predictor = build_predictor(args)
+    anomaly = None
+    if args.anomaly_reference:
+        if not isinstance(predictor, Predictor):
+            raise ValueError("--anomaly-reference needs the torch model (--config-file, --pretrained-weights, "
+                             "--classifier), not --model")
+        anomaly = build_patch_bank(predictor, args.anomaly_reference, args.anomaly_bank_size, args.seed)
+    return ScoringService(predictor, int(args.max_request_mb * 2**20), anomaly)
+
+
 def main(args: argparse.Namespace) -> int:
     setup_logging(output=args.output_dir or None, level=logging.INFO)
-    service = ScoringService(build_predictor(args), int(args.max_request_mb * 2**20))
+    service = build_service(args)
     server = make_server(service, args.host, args.port)
     logger.info(f"scoring service on http://{args.host}:{server.server_port} ({service.model['runtime']}, "
                 f"{service.model['probe']} classifier): POST /score, GET /health, GET /stats")

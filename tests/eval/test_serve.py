@@ -32,7 +32,11 @@ def running(request):
     servers = []
 
     def start(predictor, max_request_bytes=1 << 20):
-        service = serve.ScoringService(predictor, max_request_bytes)
+        """`predictor`: a predictor, or a whole `ScoringService`."""
+        if isinstance(predictor, serve.ScoringService):
+            service = predictor
+        else:
+            service = serve.ScoringService(predictor, max_request_bytes)
         server = serve.make_server(service, "127.0.0.1", 0)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         servers.append(server)
@@ -80,7 +84,8 @@ def test_service_answers_as_the_predictor(running, teacher_run, sample_root, eva
                                "thresholds": predictor.saved.thresholds,
                                "ood": ood_summary(predictor.saved.ood_params),
                                "backbone_sha256": predictor.saved.source["backbone_sha256"],
-                               "eval_transform": predictor.saved.source["eval_transform"]}
+                               "eval_transform": predictor.saved.source["eval_transform"],
+                               "anomaly_reference": None}
     status, stats = call(base, "/stats")
     assert status == 200 and (stats["requests"], stats["images"], stats["errors"]) == (4, 2 * len(photos) + 5, 0)
     assert stats["latency_window"] == 4
@@ -149,3 +154,25 @@ def test_onnx_model_served_from_the_command_line_options(tmp_path, running, teac
     for argv in ([], ["--model", "m.onnx", "--classifier", classifier]):
         with pytest.raises(ValueError, match="give either --model"):
             serve.build_predictor(serve.get_args_parser().parse_args(argv))
+    with pytest.raises(ValueError, match="--anomaly-reference needs the torch model"):
+        serve.build_service(serve.get_args_parser().parse_args(
+            ["--model", str(tmp_path / "model.onnx"), "--anomaly-reference", dataset_str(sample_root, "TRAIN")]))
+
+
+def test_explanations_carry_the_anomaly_map_of_the_reference(running, teacher_run, sample_root, eval_config,
+                                                            teacher_checkpoint):
+    teacher_dir, _ = teacher_run
+    train = dataset_str(sample_root, "TRAIN")
+    service = serve.build_service(serve.get_args_parser().parse_args([
+        "--config-file", str(eval_config), "--pretrained-weights", str(teacher_checkpoint), "--classifier",
+        str(teacher_dir / "linear_classifier.pth"), "--anomaly-reference", train, "--anomaly-bank-size", "40"]))
+    assert service.model["anomaly_reference"] == {"dataset": train, "n_images": 9, "n_patches": 45, "seed": 0}
+    base, _ = running(service)
+    photos = sorted((sample_root / "test").glob("*/*.jpeg"))[:3]
+    status, answer = call(base, "/score", {"images": [{"path": str(p)} for p in photos], "explain": True})
+    _, explanation, _ = service.predictor.explain(photos)
+    expected = service.bank.anomaly(explanation.patch_tokens).reshape(3, 4, 4)
+    assert status == 200
+    for image, grid in zip(answer["images"], expected):
+        assert image["anomaly"] == grid.tolist()
+        assert image["anomaly_peak"]["value"] == pytest.approx(float(grid.max()))
