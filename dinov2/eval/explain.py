@@ -48,7 +48,6 @@ logger = logging.getLogger("dinov2")
 RESULTS_NAME = "explanations.json"
 REPORT_NAME = "report.html"
 SELECTIONS = ("positive", "errors", "all")
-SCORE_BATCH = 64  # images scored at once while selecting the devices
 MAPS = {
     "evidence": "gradient x input of the positive log-odds on each patch's embedding (its content, before the "
                 "position embedding), summed over channels: to first order, how much the log-odds would fall without "
@@ -76,6 +75,9 @@ def get_args_parser(
     parser.add_argument("--max-groups", type=non_negative_int, default=50,
                         help="At most this many devices per dataset, highest score first (0: no limit)")
     parser.add_argument("--decode-threads", type=positive_int, default=4, help="Threads decoding a device's photos")
+    parser.add_argument("--batch-size", type=positive_int, default=64,
+                        help="About this many photos per backbone call when scoring the devices to select them and "
+                             "when reading the anomaly reference")
     add_anomaly_arguments(parser)
     return parser
 
@@ -107,7 +109,8 @@ def group_label(images: Sequence[Tuple[str, int]]) -> Optional[int]:
 
 
 def select_groups(predictor: Predictor, groups: Dict[str, List[Tuple[str, int]]], dataset_str: str,
-                  select: str, named: Optional[Sequence[str]], max_groups: int) -> Tuple[List[str], Dict[str, object]]:
+                  select: str, named: Optional[Sequence[str]], max_groups: int, batch_size: int
+                  ) -> Tuple[List[str], Dict[str, object]]:
     """The group ids to explain, highest group score first, and a record of the selection."""
     n_groups = len(groups)
     if named is not None:
@@ -117,7 +120,7 @@ def select_groups(predictor: Predictor, groups: Dict[str, List[Tuple[str, int]]]
         groups = {gid: groups[gid] for gid in dict.fromkeys(named)}
     elif select == "errors" and any(group_label(images) is None for images in groups.values()):
         raise ValueError(f"--select errors needs every image labelled; {dataset_str} has unlabelled images")
-    scores = group_scores(predictor, groups)
+    scores = group_scores(predictor, groups, batch_size)
     threshold = predictor.thresholds["group"]["threshold"]
     if named is not None or select == "all":
         candidates = list(groups)
@@ -136,8 +139,10 @@ def select_groups(predictor: Predictor, groups: Dict[str, List[Tuple[str, int]]]
     return limited, record
 
 
-def group_scores(predictor: Predictor, groups: Dict[str, List[Tuple[str, int]]]) -> Dict[str, float]:
-    """Group id -> the predictor's group score, scoring whole groups of about SCORE_BATCH photos per call."""
+def group_scores(predictor: Predictor, groups: Dict[str, List[Tuple[str, int]]], batch_size: int
+                 ) -> Dict[str, float]:
+    """Group id -> the predictor's group score, scoring whole groups, at least `batch_size` photos per call (but the
+    last)."""
     scores: Dict[str, float] = {}
     pending: List[str] = []
 
@@ -149,7 +154,7 @@ def group_scores(predictor: Predictor, groups: Dict[str, List[Tuple[str, int]]])
 
     for gid in groups:
         pending.append(gid)
-        if sum(len(groups[g]) for g in pending) >= SCORE_BATCH:
+        if sum(len(groups[g]) for g in pending) >= batch_size:
             flush()
     if pending:
         flush()
@@ -265,7 +270,7 @@ def explain_group(predictor: Predictor, output_dir: str, stem: str, group_id: st
     return {**group, "label": label, "figure": figure, "maps": maps_file, "images": result["images"]}
 
 
-def build_patch_bank(predictor: Predictor, dataset_str: str, max_patches: int, seed: int
+def build_patch_bank(predictor: Predictor, dataset_str: str, max_patches: int, seed: int, batch_size: int = 64
                      ) -> Tuple[PatchBank, Dict[str, object]]:
     """The patch bank of a reference dataset's good photos: those labelled with the first class, or every photo of a
     dataset with no labels at all (a pool of good devices); and a record of it."""
@@ -277,7 +282,7 @@ def build_patch_bank(predictor: Predictor, dataset_str: str, max_patches: int, s
         raise ValueError(f"--anomaly-reference {dataset_str} has no photo labelled {predictor.saved.class_names[0]!r}"
                          " (class 0) to take the reference patches from")
     logger.info(f"Patch bank: at most about {max_patches} patches of {len(paths)} reference photos of {dataset_str}")
-    bank = PatchBank.sample(predictor.patch_tokens(paths), len(paths), max_patches, seed)
+    bank = PatchBank.sample(predictor.patch_tokens(paths, batch_size), len(paths), max_patches, seed)
     return bank, {"dataset": dataset_str, "n_images": len(paths), "n_patches": len(bank), "seed": seed}
 
 
@@ -348,7 +353,7 @@ def run_explain(args: argparse.Namespace) -> Dict[str, object]:
     bank = None
     if args.anomaly_reference:
         bank, results["anomaly_reference"] = build_patch_bank(predictor, args.anomaly_reference,
-                                                              args.anomaly_bank_size, args.seed)
+                                                              args.anomaly_bank_size, args.seed, args.batch_size)
     tags: set = set()
     stems: set = set()
     for dataset_str in dict.fromkeys(args.dataset_strs):
@@ -360,7 +365,8 @@ def run_explain(args: argparse.Namespace) -> Dict[str, object]:
                              f"trained on {predictor.saved.class_names}")
         groups = dataset_groups(dataset, dataset_str)
         tag = unique_tag(split_tag(dataset_str), tags)
-        chosen, selection = select_groups(predictor, groups, dataset_str, args.select, args.groups, args.max_groups)
+        chosen, selection = select_groups(predictor, groups, dataset_str, args.select, args.groups, args.max_groups,
+                                          args.batch_size)
         logger.info(f"{dataset_str}: explaining {len(chosen)} of {len(groups)} devices ({selection['select']})")
         explained = [explain_group(predictor, args.output_dir, file_stem(tag, gid, stems), gid, groups[gid], bank)
                      for gid in chosen]

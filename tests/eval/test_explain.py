@@ -25,7 +25,7 @@ def read_rows(path) -> list:
 
 def run_explain(config, weights, classifier, output_dir, *extra: str) -> dict:
     argv = ["--config-file", str(config), "--pretrained-weights", str(weights), "--classifier", str(classifier),
-            "--output-dir", str(output_dir), "--decode-threads", "2", *extra]
+            "--output-dir", str(output_dir), "--decode-threads", "2", "--batch-size", "2", *extra]
     return explain.run_explain(explain.get_args_parser().parse_args(argv))
 
 
