@@ -7,7 +7,7 @@ PYTEST_ARGS ?= -q
 
 .PHONY: venv demo test benchmark clean
 
-$(STAMP): setup.py requirements.txt requirements-dev.txt requirements-export.txt
+$(STAMP): setup.py requirements.txt requirements-dev.txt requirements-export.txt requirements-convert.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)

@@ -30,8 +30,10 @@ setup(
     package_data={"": ["*.yaml"]},
     install_requires=read_requirements("requirements.txt"),
     extras_require={
-        "dev": read_requirements("requirements-dev.txt") + read_requirements("requirements-export.txt"),
+        "dev": read_requirements("requirements-dev.txt") + read_requirements("requirements-export.txt")
+        + read_requirements("requirements-convert.txt"),
         "export": read_requirements("requirements-export.txt"),
+        "convert": read_requirements("requirements-convert.txt"),
         "xformers": ["xformers"],
     },
 )

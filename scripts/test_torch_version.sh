@@ -29,9 +29,10 @@ venv=".venv-torch${torch_version}${PYTHON:+-$(basename "$PYTHON")}"
 "$venv/bin/python" -m pip install -q "torch==${torch_version}" "torchvision==${torchvision_version}"
 "$venv/bin/python" -m pip install -q -e '.[dev]'
 if $min_deps; then
-    # the lower bounds of requirements.txt and of the export extra as exact pins (torch and torchvision are the ones
-    # chosen above)
-    cat requirements.txt requirements-export.txt | grep -v '^torch' | sed -n 's/^\([A-Za-z0-9_.-]*\)>=\([0-9.]*\).*/\1==\2/p' > "$venv/floors.txt"
+    # the lower bounds of requirements.txt and of the export and convert extras as exact pins (torch and
+    # torchvision are the ones chosen above)
+    cat requirements.txt requirements-export.txt requirements-convert.txt | grep -v '^torch' \
+        | sed -n 's/^\([A-Za-z0-9_.-]*\)>=\([0-9.]*\).*/\1==\2/p' > "$venv/floors.txt"
     "$venv/bin/python" -m pip install -q -r "$venv/floors.txt"
 fi
 "$venv/bin/python" -c 'import numpy, torch, torchvision; print("torch", torch.__version__, "torchvision",
