@@ -192,7 +192,11 @@ def hf_files(model: nn.Module, spec: Dict[str, object]) -> Tuple[Dict[str, torch
 
 
 def _save_safetensors(path: str, state: Dict[str, torch.Tensor]) -> None:
-    from safetensors.torch import save_file
+    try:
+        from safetensors.torch import save_file
+    except ImportError:
+        raise ImportError("the timm and HF layouts are written with safetensors: pip install -e '.[convert]' "
+                          "(or --formats hub)") from None
 
     save_file({key: value.contiguous() for key, value in state.items()}, path, metadata={"format": "pt"})
 
