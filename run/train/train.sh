@@ -24,6 +24,9 @@
 #   EXPLAIN     true|false (default true): heat maps of the TEST devices the teacher's linear probe decides positive,
 #               anomaly maps against the TRAIN split's negative photos ($OUTPUT_DIR/explain/report.html, at most 50
 #               devices; dinov2.eval.explain)
+#   CONVERT     auto|true|false (default auto): the teacher in the hub, timm and HF layouts, each checked
+#               ($OUTPUT_DIR/convert; dinov2.hub.convert); auto = when safetensors is installed
+#               (pip install -e '.[convert]')
 set -euo pipefail
 
 cd "$(dirname "$0")/../.."
@@ -38,6 +41,7 @@ EXTRA="${EXTRA:-}"
 LINEAR_OPTS="${LINEAR_OPTS:---epochs 10 --epoch-length 50}"
 EXPORT="${EXPORT:-auto}"
 EXPLAIN="${EXPLAIN:-true}"
+CONVERT="${CONVERT:-auto}"
 if [[ -z "${NPROC:-}" ]]; then
     NPROC="$("$PYTHON" -c 'import torch; print(max(torch.cuda.device_count(), 1))')"
 fi
@@ -54,6 +58,12 @@ case "$EXPORT" in
     auto) if "$PYTHON" -c 'import onnx, onnxruntime' 2>/dev/null; then EXPORT=true; else EXPORT=false; fi ;;
     true | false) ;;
     *) echo "EXPORT must be auto, true or false, got '$EXPORT'" >&2; exit 2 ;;
+esac
+
+case "$CONVERT" in
+    auto) if "$PYTHON" -c 'import safetensors' 2>/dev/null; then CONVERT=true; else CONVERT=false; fi ;;
+    true | false) ;;
+    *) echo "CONVERT must be auto, true or false, got '$CONVERT'" >&2; exit 2 ;;
 esac
 
 case "$EXPLAIN" in
@@ -133,6 +143,11 @@ if [[ "$EXPLAIN" == true ]]; then
     "$PYTHON" -m dinov2.eval.explain --config-file "$EVAL_CONFIG" --pretrained-weights "$TEACHER" \
         --classifier "$CLASSIFIER" --datasets "$TEST_SPLIT" --anomaly-reference "$TRAIN_SPLIT" \
         --output-dir "$OUTPUT_DIR/explain"
+fi
+if [[ "$CONVERT" == true ]]; then
+    echo "== the teacher in upstream's hub, timm and HF transformers layouts, each checked against it"
+    "$PYTHON" -m dinov2.hub.convert --config-file "$EVAL_CONFIG" --pretrained-weights "$TEACHER" \
+        --output-dir "$OUTPUT_DIR/convert"
 fi
 echo "== to score new images with the teacher and its linear probe (README: Scoring new images):"
 echo "$PYTHON -m dinov2.eval.predict --config-file $EVAL_CONFIG --pretrained-weights $TEACHER" \
