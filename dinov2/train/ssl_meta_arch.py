@@ -353,10 +353,12 @@ class SSLMetaArch(nn.Module):
         return list(fuse_params_groups(params_groups))
 
     def get_params_groups(self) -> List[Dict[str, Any]]:
-        """AdamW groups keyed by (lr_multiplier, wd_multiplier, is_last_layer) for every student submodule."""
+        """AdamW groups keyed by (lr_multiplier, wd_multiplier, is_last_layer) for every student submodule, flagged
+        `is_backbone` for the backbone's (`optim.freeze_backbone_epochs`)."""
         all_params_groups: List[Dict[str, Any]] = []
-        for m in self.student.values():
-            all_params_groups += self.get_maybe_fused_params_for_submodel(m)
+        for name, m in self.student.items():
+            groups = self.get_maybe_fused_params_for_submodel(m)
+            all_params_groups += [{**group, "is_backbone": name == "backbone"} for group in groups]
         return all_params_groups
 
     def prepare_for_distributed_training(self) -> None:

@@ -80,7 +80,8 @@ def build_optimizer(cfg: DictConfig, params_groups: List[Dict[str, Any]]) -> tor
 
 
 def build_schedulers(cfg: DictConfig) -> Tuple[CosineScheduler, ...]:
-    """(lr, wd, momentum, teacher_temp, last_layer_lr) schedules, indexed by iteration."""
+    """(lr, wd, momentum, teacher_temp, last_layer_lr, backbone_lr) schedules, indexed by iteration. The student
+    backbone's is lr's with `optim.freeze_backbone_epochs` of zeros first, then a warmup of its own."""
     epoch_len = cfg.train.OFFICIAL_EPOCH_LENGTH
     total_iters = cfg.optim.epochs * epoch_len
     lr = dict(
@@ -103,14 +104,29 @@ def build_schedulers(cfg: DictConfig) -> Tuple[CosineScheduler, ...]:
     )
     last_layer_lr_schedule = CosineScheduler(**lr)
     last_layer_lr_schedule.schedule[: cfg.optim.freeze_last_layer_epochs * epoch_len] = 0  # frozen head last layer
+    freeze_backbone = cfg.optim.freeze_backbone_epochs
+    if not 0 <= freeze_backbone <= cfg.optim.epochs - cfg.optim.warmup_epochs:
+        raise ValueError(f"optim.freeze_backbone_epochs must be between 0 and optim.epochs - optim.warmup_epochs "
+                         f"({cfg.optim.epochs} - {cfg.optim.warmup_epochs}), got {freeze_backbone}")
+    backbone_lr_schedule = CosineScheduler(**lr, freeze_iters=freeze_backbone * epoch_len)
     logger.info("Schedulers ready.")
-    return lr_schedule, wd_schedule, momentum_schedule, teacher_temp_schedule, last_layer_lr_schedule
+    return (lr_schedule, wd_schedule, momentum_schedule, teacher_temp_schedule, last_layer_lr_schedule,
+            backbone_lr_schedule)
 
 
-def apply_optim_scheduler(optimizer: torch.optim.Optimizer, lr: float, wd: float, last_layer_lr: float) -> None:
+def apply_optim_scheduler(optimizer: torch.optim.Optimizer, lr: float, wd: float, last_layer_lr: float,
+                          backbone_lr: float) -> None:
+    """Set each group's learning rate and weight decay for this iteration: heads' last layers follow `last_layer_lr`,
+    the student backbone `backbone_lr`, the rest `lr` (AdamW's decoupled decay scales with the group's rate, so a
+    rate of 0 leaves the group's parameters as they are)."""
     for param_group in optimizer.param_groups:
         param_group["weight_decay"] = wd * param_group["wd_multiplier"]
-        base = last_layer_lr if param_group["is_last_layer"] else lr
+        if param_group["is_last_layer"]:
+            base = last_layer_lr
+        elif param_group.get("is_backbone", False):  # absent in the optimizer states of older checkpoints
+            base = backbone_lr
+        else:
+            base = lr
         param_group["lr"] = base * param_group["lr_multiplier"]
 
 
@@ -297,7 +313,8 @@ def do_train(cfg: DictConfig, model: SSLMetaArch, resume: bool = False) -> Dict[
     fp16_scaler = model.fp16_scaler
 
     optimizer = build_optimizer(cfg, model.get_params_groups())
-    lr_schedule, wd_schedule, momentum_schedule, teacher_temp_schedule, last_layer_lr_schedule = build_schedulers(cfg)
+    (lr_schedule, wd_schedule, momentum_schedule, teacher_temp_schedule, last_layer_lr_schedule,
+     backbone_lr_schedule) = build_schedulers(cfg)
 
     epoch_len = cfg.train.OFFICIAL_EPOCH_LENGTH
     max_iter = cfg.optim.epochs * epoch_len
@@ -347,7 +364,8 @@ def do_train(cfg: DictConfig, model: SSLMetaArch, resume: bool = False) -> Dict[
         mom = float(momentum_schedule[iteration])
         teacher_temp = float(teacher_temp_schedule[iteration])
         last_layer_lr = float(last_layer_lr_schedule[iteration])
-        apply_optim_scheduler(optimizer, lr, wd, last_layer_lr)
+        backbone_lr = float(backbone_lr_schedule[iteration])
+        apply_optim_scheduler(optimizer, lr, wd, last_layer_lr, backbone_lr)
 
         optimizer.zero_grad(set_to_none=True)
         loss_dict = model.forward_backward(data, teacher_temp=teacher_temp)

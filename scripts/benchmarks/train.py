@@ -180,8 +180,8 @@ def build_training(
 
     def step(it: int) -> Dict[str, torch.Tensor]:
         with phases("schedules"):
-            lr, wd, mom, teacher_temp, last_layer_lr = (float(s[it]) for s in schedules)
-            apply_optim_scheduler(optimizer, lr, wd, last_layer_lr)
+            lr, wd, mom, teacher_temp, last_layer_lr, backbone_lr = (float(s[it]) for s in schedules)
+            apply_optim_scheduler(optimizer, lr, wd, last_layer_lr, backbone_lr)
             optimizer.zero_grad(set_to_none=True)
         with phases("forward_backward"):
             loss_dict = model.forward_backward(next(feed), teacher_temp=teacher_temp)

@@ -149,8 +149,11 @@ def test_params_groups_cover_each_student_parameter_once():
     for g in groups:
         assert {"lr_multiplier", "wd_multiplier", "is_last_layer"} <= set(g)
     last_layer = {id(p) for n, p in model.student.named_parameters() if "last_layer" in n}
+    backbone = {id(p) for p in model.student.backbone.parameters()}
     for g in groups:
         assert g["is_last_layer"] == (id(g["params"][0]) in last_layer)
+        assert g["is_backbone"] == (id(g["params"][0]) in backbone)
+        assert len({id(p) in backbone for p in g["params"]}) == 1  # no group mixes backbone and head
 
 
 def _hub_state_dict(arch: str) -> dict:

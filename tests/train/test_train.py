@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+import train_helpers
 from train_helpers import REPO, SAMPLE_CONFIG, precision_opts, read_metrics, run_training, tiny_opts
 
 from dinov2.data.prefetcher import DevicePrefetcher
@@ -297,3 +298,55 @@ def test_two_rank_fp16_run_resumes_like_an_uninterrupted_one(tmp_path, sample_ro
             torch.testing.assert_close(final[1]["model"], final[0]["model"], rtol=0, atol=0)
             torch.testing.assert_close(final[1]["optimizer"]["state"], final[0]["optimizer"]["state"], rtol=0, atol=0)
             assert final[1]["optimizer"]["param_groups"] == final[0]["optimizer"]["param_groups"]
+
+
+def test_schedules_freeze_the_backbone_then_warm_it_up():
+    cfg = train_helpers.tiny_cfg(optim__freeze_backbone_epochs=2, optim__epochs=5, optim__warmup_epochs=1,
+                                 train__OFFICIAL_EPOCH_LENGTH=4)
+    cfg.optim.lr = 0.01
+    lr, _, _, _, last_layer_lr, backbone_lr = train_module.build_schedulers(cfg)
+    assert list(backbone_lr.schedule[:8]) == [0.0] * 8  # two epochs of 4 iterations
+    assert list(backbone_lr.schedule[8:12]) == pytest.approx([0.0, 0.01 / 3, 0.02 / 3, 0.01])  # its own warmup
+    cosine = backbone_lr.schedule[12:]  # then a half cosine to min_lr by the end of the run, as lr's
+    assert cosine[0] == pytest.approx(0.01) and (cosine[1:] < cosine[:-1]).all() and cosine[-1] < 0.001
+    assert len(backbone_lr.schedule) == len(lr.schedule) == len(last_layer_lr.schedule) == 20
+    optimizer = torch.optim.AdamW([
+        {"params": [torch.nn.Parameter(torch.zeros(1))], "lr_multiplier": 0.5, "wd_multiplier": 1.0,
+         "is_last_layer": False, "is_backbone": True},
+        {"params": [torch.nn.Parameter(torch.zeros(1))], "lr_multiplier": 1.0, "wd_multiplier": 0.0,
+         "is_last_layer": False, "is_backbone": False},
+        {"params": [torch.nn.Parameter(torch.zeros(1))], "lr_multiplier": 1.0, "wd_multiplier": 1.0,
+         "is_last_layer": True},  # an optimizer state from before the flag: not the backbone
+    ])
+    train_module.apply_optim_scheduler(optimizer, lr=0.1, wd=0.04, last_layer_lr=0.2, backbone_lr=0.0)
+    assert [(g["lr"], g["weight_decay"]) for g in optimizer.param_groups] == [(0.0, 0.04), (0.1, 0.0), (0.2, 0.04)]
+    for epochs in (-1, 5):
+        cfg.optim.freeze_backbone_epochs = epochs
+        with pytest.raises(ValueError, match=f"optim.freeze_backbone_epochs must be between 0 and optim.epochs - "
+                                             f"optim.warmup_epochs \\(5 - 1\\), got {epochs}"):
+            train_module.build_schedulers(cfg)
+
+
+def test_frozen_backbone_keeps_the_loaded_weights_while_the_heads_learn(tmp_path, sample_root):
+    """Continued pretraining from weights with new heads: during optim.freeze_backbone_epochs the student backbone
+    keeps the loaded weights bit for bit (learning rate 0, and AdamW's decay scales with it) while the heads train;
+    then it trains too."""
+    torch.manual_seed(5)
+    backbone = vits.vit_tiny(patch_size=16, img_size=64, init_values=1e-5, block_chunks=0)
+    weights = tmp_path / "backbone.pth"
+    torch.save(backbone.state_dict(), weights)
+    out = str(tmp_path / "run")
+    run_training(out, tiny_opts(sample_root, student__pretrained_weights=str(weights), optim__freeze_backbone_epochs=1,
+                                optim__freeze_last_layer_epochs=0, train__checkpoint_period=4))
+    loaded = backbone.state_dict()
+    states = {it: torch.load(os.path.join(out, f"model_{it:07d}.rank_0.pth"), weights_only=True)["model"]
+              for it in (3, 7)}
+    for key, value in loaded.items():
+        assert torch.equal(states[3][f"student.backbone.{key}"], value), key
+    assert any(not torch.equal(states[7][f"student.backbone.{key}"], value) for key, value in loaded.items())
+    heads = [key for key in states[3] if key.startswith("student.dino_head.")]
+    assert heads and all(not torch.equal(states[3][key], states[3]["teacher" + key[len("student"):]])
+                         for key in heads)  # the teacher started as a copy: the student's heads have moved
+    teacher_drift = max(float((states[3][f"teacher.backbone.{key}"] - value).abs().max()) for key, value in
+                        loaded.items())
+    assert teacher_drift < 1e-6  # the EMA of equal weights: equal to rounding
