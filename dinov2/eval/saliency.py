@@ -48,12 +48,12 @@ class Explanation:
     patch_tokens: torch.Tensor  # (N, h * w, D) float32, the last block's, normalised by the final norm
 
 
-def positive_log_odds(head: nn.Module, cls: torch.Tensor, patch_mean: torch.Tensor) -> torch.Tensor:
-    """(N,) float64 log(P(not class 0) / P(class 0)) of a probe head; for the k-NN head its smooth form over every
-    training image (`KnnHead.soft_log_odds`), as its top-k vote is flat where all k neighbours share a class."""
+def positive_log_odds(head: nn.Module, cls: torch.Tensor, probabilities: torch.Tensor) -> torch.Tensor:
+    """(N,) float64 log(P(not class 0) / P(class 0)) from a probe head's `probabilities` (N, C) of class tokens `cls`;
+    for the k-NN head its smooth form over every training image (`KnnHead.soft_log_odds`), as its top-k vote is flat
+    where all k neighbours share a class."""
     if isinstance(head, KnnHead):
         return head.soft_log_odds(cls)
-    probabilities = head(cls, patch_mean)
     positive = probabilities[:, 1:].sum(dim=1).clamp_min(PROBABILITY_FLOOR)
     return torch.log(positive) - torch.log(probabilities[:, 0].clamp_min(PROBABILITY_FLOOR))
 
@@ -129,7 +129,7 @@ class Explainer:
             patch_tokens = outputs[-1][:, self.n_prefix :].float()
             patch_mean = patch_tokens.mean(dim=1)
             probabilities = self.head(cls, patch_mean)
-            log_odds = positive_log_odds(self.head, cls, patch_mean)
+            log_odds = positive_log_odds(self.head, cls, probabilities)
             (gradient,) = torch.autograd.grad(log_odds.sum(), contents[0])
         evidence = (gradient.float() * contents[0].detach().float()).sum(dim=-1)
         if evidence.shape[1] != math.prod(grid):

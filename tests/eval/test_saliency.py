@@ -154,7 +154,7 @@ def test_pca_rgb_is_the_scaled_projection_on_the_first_components():
 def test_knn_log_odds_is_the_vote_over_every_training_image():
     head = knn_head()
     cls = torch.randn(4, 1, DIM)
-    np.testing.assert_allclose(positive_log_odds(head, cls, torch.zeros(4, DIM)).numpy(),
+    np.testing.assert_allclose(positive_log_odds(head, cls, head(cls, torch.zeros(4, DIM))).numpy(),
                                reference_log_odds(head, cls, torch.zeros(4, DIM)), rtol=1e-6)
     one_sided = KnnHead(F.normalize(torch.randn(4, DIM), dim=1), torch.zeros(4), k=2, temperature=0.1, num_classes=2)
     with pytest.raises(ValueError, match="training images are all of one side"):
