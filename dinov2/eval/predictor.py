@@ -142,7 +142,6 @@ class Predictor(PhotoScorer):
             unfamiliarity = None if self.ood is None else self.ood.unfamiliarity(cls).numpy()
         return positive_scores(self.saved.score_tokens(cls, patch_mean)), unfamiliarity
 
-
     def patch_tokens(self, paths: Sequence[str], batch_size: int = 32) -> Iterator[torch.Tensor]:
         """The last block's normalised patch tokens (n, P, D) float32 of image files, `batch_size` photos at a time:
         `Explanation.patch_tokens` of the same photos, without gradients (for `dinov2.eval.saliency.PatchBank`)."""
