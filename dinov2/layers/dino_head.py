@@ -7,6 +7,7 @@ remapping and gives no deprecation warnings across PyTorch versions.
 """
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -75,6 +76,18 @@ class DINOHead(nn.Module):
         self.mlp = _build_mlp(nlayers, in_dim, bottleneck_dim, hidden_dim, use_bn=use_bn, bias=mlp_bias)
         self.apply(self._init_weights)
         self.last_layer = WeightNormLinear(bottleneck_dim, out_dim)
+
+    @classmethod
+    def from_cfg(cls, in_dim: int, head_cfg: Any) -> "DINOHead":
+        """The head a config's `dino` or `ibot` section describes (`head_n_prototypes`, `head_hidden_dim`,
+        `head_bottleneck_dim`, `head_nlayers`)."""
+        return cls(
+            in_dim=in_dim,
+            out_dim=head_cfg.head_n_prototypes,
+            hidden_dim=head_cfg.head_hidden_dim,
+            bottleneck_dim=head_cfg.head_bottleneck_dim,
+            nlayers=head_cfg.head_nlayers,
+        )
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:

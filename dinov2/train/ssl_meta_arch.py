@@ -17,7 +17,7 @@ host time), and `self.student` / `self.teacher` keep the fp32 parameters the opt
 
 import logging
 from contextlib import nullcontext
-from typing import Any, Dict, List, NoReturn, Optional
+from typing import Any, Dict, List, NoReturn, Optional, Tuple
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -32,6 +32,7 @@ from dinov2.layers import DINOHead
 from dinov2.loss import DINOLoss, KoLeoLoss, iBOTPatchLoss
 from dinov2.models import build_model_from_cfg
 from dinov2.models.vision_transformer import BlockChunk
+from dinov2.train.distillation import build_distillation_teacher
 from dinov2.utils.param_groups import fuse_params_groups, get_params_groups_with_decay
 from dinov2.utils.utils import (
     check_compile_options,
@@ -109,22 +110,34 @@ class SSLMetaArch(nn.Module):
         if not (self.do_dino or self.do_ibot):
             raise ValueError("dino.loss_weight and ibot.loss_weight are both 0: nothing to train")
 
+        self.distilling = bool(cfg.distillation.enabled)
+        self.ibot_out_dim = cfg.ibot.head_n_prototypes if self.ibot_separate_head else self.dino_out_dim
+        # the side whose outputs are the targets: the EMA teacher, or a frozen model to distil (dinov2/train/
+        # distillation.py; kept out of the state dict as the low-precision copies are), and its head for iBOT
+        self._target_side = "teacher"
+        self._target_patch_head = "ibot_head" if self.ibot_separate_head else "dino_head"
+        self._frozen: Dict[str, nn.ModuleDict] = {}
+        if self.distilling:
+            self._target_side = "distillation_teacher"
+            frozen, self._target_patch_head = build_distillation_teacher(cfg, self.ibot_out_dim)
+            self._frozen[self._target_side] = frozen
+
         self.dino_loss_weight = cfg.dino.loss_weight
         self.dino_loss = DINOLoss(self.dino_out_dim)
         if self.do_koleo:
             self.koleo_loss = KoLeoLoss()
-        student_model_dict["dino_head"] = self._make_head(embed_dim, cfg.dino)
-        teacher_model_dict["dino_head"] = self._make_head(embed_dim, cfg.dino)
+        student_model_dict["dino_head"] = DINOHead.from_cfg(embed_dim, cfg.dino)
+        teacher_model_dict["dino_head"] = DINOHead.from_cfg(embed_dim, cfg.dino)
 
         if self.do_ibot:
-            if not (max(cfg.ibot.mask_ratio_min_max) > 0 and cfg.ibot.mask_sample_probability > 0):
+            masking = max(cfg.ibot.mask_ratio_min_max) > 0 and cfg.ibot.mask_sample_probability > 0
+            if not (masking or self.distilling):
                 raise ValueError("ibot.loss_weight > 0 needs ibot.mask_ratio_min_max and mask_sample_probability > 0")
             self.ibot_loss_weight = cfg.ibot.loss_weight
-            self.ibot_out_dim = cfg.ibot.head_n_prototypes if self.ibot_separate_head else self.dino_out_dim
             self.ibot_patch_loss = iBOTPatchLoss(self.ibot_out_dim)
             if self.ibot_separate_head:
-                student_model_dict["ibot_head"] = self._make_head(embed_dim, cfg.ibot)
-                teacher_model_dict["ibot_head"] = self._make_head(embed_dim, cfg.ibot)
+                student_model_dict["ibot_head"] = DINOHead.from_cfg(embed_dim, cfg.ibot)
+                teacher_model_dict["ibot_head"] = DINOHead.from_cfg(embed_dim, cfg.ibot)
 
         if cfg.train.compile_loss:
             backend = check_compile_options(cfg.train.compile_backend, None, "train.compile_backend")["backend"]
@@ -136,21 +149,15 @@ class SSLMetaArch(nn.Module):
         # what runs the forward of each side: the modules themselves, or their low-precision copies (plain dicts and
         # lists, so that the copies are neither submodules nor in the state dict)
         self._run: Dict[str, Any] = {"student": self.student, "teacher": self.teacher}
+        self._run.update(self._frozen)
+        if self.distilling:  # nothing is masked: the mask token gets no gradient, so it is left out of training (and of the
+            # optimizer, whose state it would otherwise never have)
+            self.student.backbone.mask_token.requires_grad_(False)
         self._copies: Dict[str, List[LowPrecisionCopy]] = {"student": [], "teacher": []}
         self._copy_student_to_teacher()
         for p in self.teacher.parameters():
             p.requires_grad = False
         logger.info(f"Student and teacher built: {', '.join(self.student.keys())}; embed_dim {embed_dim}")
-
-    @staticmethod
-    def _make_head(in_dim: int, head_cfg: DictConfig) -> DINOHead:
-        return DINOHead(
-            in_dim=in_dim,
-            out_dim=head_cfg.head_n_prototypes,
-            hidden_dim=head_cfg.head_hidden_dim,
-            bottleneck_dim=head_cfg.head_bottleneck_dim,
-            nlayers=head_cfg.head_nlayers,
-        )
 
     def _copy_student_to_teacher(self) -> None:
         for k in self.student.keys():
@@ -172,14 +179,27 @@ class SSLMetaArch(nn.Module):
     def device(self) -> torch.device:
         return next(self.student.backbone.parameters()).device
 
-    def _teacher_targets(self, images: Dict[str, Any], teacher_temp: float) -> Dict[str, torch.Tensor]:
-        """Teacher forward on the 2 global crops -> centred/Sinkhorn-normalised targets, crops swapped."""
-        global_crops = images["collated_global_crops"]
-        mask_indices_list = images["mask_indices_list"]
-        n_masked_patches = mask_indices_list.shape[0]
-        upperbound = images["upperbound"]
+    def _ibot_tokens(self, images: Dict[str, Any]) -> Tuple[torch.Tensor, int, int]:
+        """(masks, number of iBOT tokens, static bound on it) of the global crops: the collated masks, or when
+        distilling every patch (nothing is masked)."""
+        masks = images["collated_masks"]
+        if self.distilling:
+            return torch.ones_like(masks), masks.numel(), masks.numel()
+        return masks, images["mask_indices_list"].shape[0], images["upperbound"]
 
-        teacher = self._run["teacher"]
+    def _select_ibot_tokens(self, patch_tokens: torch.Tensor, images: Dict[str, Any]) -> torch.Tensor:
+        """The iBOT tokens among the flattened patch tokens of the global crops (all of them when distilling)."""
+        if self.distilling:
+            return patch_tokens
+        return torch.index_select(patch_tokens, 0, images["mask_indices_list"])
+
+    def _teacher_targets(self, images: Dict[str, Any], teacher_temp: float) -> Dict[str, torch.Tensor]:
+        """Target forward (EMA teacher or distilled model) on the 2 global crops -> centred/Sinkhorn-normalised
+        targets, crops swapped."""
+        global_crops = images["collated_global_crops"]
+        _, n_masked_patches, upperbound = self._ibot_tokens(images)
+
+        teacher = self._run[self._target_side]
         out = teacher["backbone"](global_crops, is_training=True)
         cls_tokens = out["x_norm_clstoken"].chunk(N_GLOBAL_CROPS)
         cls_tokens = torch.cat((cls_tokens[1], cls_tokens[0]))  # crop 2 is the target of student crop 1
@@ -188,12 +208,13 @@ class SSLMetaArch(nn.Module):
         masked_patch_tokens_after_head = None
         if self.do_ibot:
             patch_tokens = out["x_norm_patchtokens"].flatten(0, 1)
-            offset = 0 if self.ibot_separate_head else n_cls_tokens
+            separate_head = self._target_patch_head == "ibot_head"
+            offset = 0 if separate_head else n_cls_tokens
             buffer = patch_tokens.new_zeros(offset + upperbound, patch_tokens.shape[-1])
             if offset:
                 buffer[:offset].copy_(cls_tokens)
-            buffer[offset : offset + n_masked_patches].copy_(torch.index_select(patch_tokens, 0, mask_indices_list))
-            if self.ibot_separate_head:
+            buffer[offset : offset + n_masked_patches].copy_(self._select_ibot_tokens(patch_tokens, images))
+            if separate_head:
                 cls_tokens_after_head = teacher["dino_head"](cls_tokens)
                 masked_patch_tokens_after_head = teacher["ibot_head"](buffer)[:n_masked_patches]
             else:
@@ -218,7 +239,11 @@ class SSLMetaArch(nn.Module):
                 targets["ibot"] = self.ibot_patch_loss.sinkhorn_knopp_teacher(
                     masked_patch_tokens_after_head,
                     teacher_temp=teacher_temp,
-                    n_masked_patches_tensor=images["n_masked_patches"],
+                    n_masked_patches_tensor=(
+                        global_crops.new_full((1,), n_masked_patches, dtype=torch.long)
+                        if self.distilling
+                        else images["n_masked_patches"]
+                    ),
                 )
         targets["dino"] = targets["dino"].view(N_GLOBAL_CROPS, -1, targets["dino"].shape[-1])
         return targets
@@ -242,10 +267,7 @@ class SSLMetaArch(nn.Module):
         n_local_crops = self.cfg.crops.local_crops_number
         global_crops = images["collated_global_crops"]
         local_crops = images["collated_local_crops"]
-        masks = images["collated_masks"]
-        mask_indices_list = images["mask_indices_list"]
-        n_masked_patches = mask_indices_list.shape[0]
-        upperbound = images["upperbound"]
+        masks, n_masked_patches, upperbound = self._ibot_tokens(images)
 
         n_local_terms = max(n_local_crops * N_GLOBAL_CROPS, 1)
         n_global_terms = (N_GLOBAL_CROPS - 1) * N_GLOBAL_CROPS
@@ -255,13 +277,14 @@ class SSLMetaArch(nn.Module):
 
         with torch.no_grad():
             targets = self._teacher_targets(images, teacher_temp)
-        reshard_fsdp_model(self.teacher)
+        reshard_fsdp_model(self._frozen.get(self._target_side, self.teacher))
         for low_precision in self._copies["teacher"]:
             if low_precision.releasable:
                 low_precision.release()  # the student's forward and backward (the peak) run without it
 
         student_crops = [global_crops, local_crops] if n_local_crops > 0 else [global_crops]
-        student_masks = [masks, None] if n_local_crops > 0 else [masks]
+        global_masks = None if self.distilling else masks
+        student_masks = [global_masks, None] if n_local_crops > 0 else [global_masks]
         student = self._run["student"]
         outputs = student["backbone"](student_crops, masks=student_masks, is_training=True)
         global_out = outputs[0]
@@ -276,7 +299,7 @@ class SSLMetaArch(nn.Module):
         if self.do_ibot:
             patch_tokens = global_out["x_norm_patchtokens"].flatten(0, 1)
             buffer = patch_tokens.new_zeros(upperbound, patch_tokens.shape[-1])
-            buffer[:n_masked_patches].copy_(torch.index_select(patch_tokens, 0, mask_indices_list))
+            buffer[:n_masked_patches].copy_(self._select_ibot_tokens(patch_tokens, images))
             if self.ibot_separate_head:
                 masked_after_head = student["ibot_head"](buffer)[:n_masked_patches]
             else:
@@ -310,7 +333,7 @@ class SSLMetaArch(nn.Module):
                 targets["ibot"],
                 student_masks_flat=masks,
                 n_masked_patches=n_masked_patches,
-                masks_weight=images["masks_weight"],
+                masks_weight=None if self.distilling else images["masks_weight"],  # None: 1 / tokens of the crop
             )
             # forward_masked averages over the 2B global crops; x2 x 1/2 as upstream (scale by crops, per-crop weight)
             loss_accumulator = loss_accumulator + self.ibot_loss_weight * ibot
@@ -342,6 +365,8 @@ class SSLMetaArch(nn.Module):
             low_precision.module.train(mode)
         for low_precision in self._copies["teacher"]:
             low_precision.module.eval()
+        for frozen in self._frozen.values():
+            frozen.eval()
         return self
 
     def get_maybe_fused_params_for_submodel(self, m: nn.Module) -> List[Dict[str, Any]]:
@@ -372,7 +397,9 @@ class SSLMetaArch(nn.Module):
         precision = self.cfg.compute_precision
         if not self.mixed_precision:
             precision = fp32_precision(precision)
-        if distributed.get_global_size() > 1 or self.cfg.train.single_process_fsdp:
+        use_fsdp = distributed.get_global_size() > 1 or self.cfg.train.single_process_fsdp
+        self._prepare_frozen(precision["teacher"], use_fsdp)
+        if use_fsdp:
             logger.info("DISTRIBUTED FSDP -- preparing model for distributed training")
             wrap_units = {BlockChunk} if self.cfg.student.block_chunks > 0 else set()
             for side in ("student", "teacher"):
@@ -399,6 +426,27 @@ class SSLMetaArch(nn.Module):
                 run[k] = module
             self._run[side] = run
         self.train(self.training)
+
+    def _prepare_frozen(self, precision: DictConfig, use_fsdp: bool) -> None:
+        """Move the distilled model to the student's device and run it in the teacher's `compute_precision`: wrapped
+        in FSDP as the teacher is, or with one process cast to `param_dtype` (it never trains: no fp32 copy)."""
+        for modules in self._frozen.values():
+            modules.to(self.device)
+            for k in list(modules.keys()):
+                self._compile(k, modules[k])
+                if use_fsdp:
+                    modules[k] = get_fsdp_wrapper(precision[k], modules_to_wrap={BlockChunk})(modules[k])
+                    continue
+                mp_cfg, key = precision[k].mixed_precision, f"compute_precision.teacher.{k}.mixed_precision"
+                param_dtype = mixed_precision_dtype(mp_cfg.param_dtype, f"{key}.param_dtype")
+                buffer_dtype = mixed_precision_dtype(mp_cfg.buffer_dtype, f"{key}.buffer_dtype")
+                for p in modules[k].parameters():
+                    p.data = p.data.to(param_dtype)
+                for b in modules[k].buffers():
+                    if b.is_floating_point():
+                        b.data = b.data.to(buffer_dtype)
+                if self.mixed_precision:
+                    cast_forward_inputs(modules[k], param_dtype)
 
     def _compile(self, name: str, module: nn.Module) -> None:
         if self._compile_kwargs is not None and name == "backbone":

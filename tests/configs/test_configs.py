@@ -76,7 +76,7 @@ def test_every_shipped_config_merges_with_the_default():
         "eval/vits14_pretrain", "eval/vitb14_pretrain", "eval/vitl14_pretrain", "eval/vitg14_pretrain",
         "eval/vits14_reg4_pretrain", "eval/vitb14_reg4_pretrain", "eval/vitl14_reg4_pretrain",
         "eval/vitg14_reg4_pretrain", "train/vitl16_short", "train/vitl14", "train/vitg14",
-        "train/bbu_sample", "train/bbu_vits14", "train/bbu_vitb14",
+        "train/bbu_sample", "train/bbu_vits14", "train/bbu_vitb14", "train/bbu_distill_vits14",
     }
     assert expected <= set(ALL_CONFIGS)
     for name in ALL_CONFIGS:

@@ -3,86 +3,12 @@ import re
 
 import pytest
 import torch
-import torch.nn.functional as F
-from train_helpers import random_batch, tiny_cfg
+from train_helpers import manual_losses, random_batch, tiny_cfg
 
 from dinov2.loss.kernels import centered_softmax, lossfunc
 from dinov2.models import build_model_from_cfg
 from dinov2.train.ssl_meta_arch import LOSS_KEYS, SSLMetaArch
 from dinov2.utils.utils import PretrainedWeightsError
-
-STUDENT_TEMP = 0.1
-
-
-def _ce(targets: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
-    """Per-row cross-entropy H(targets, softmax(student / 0.1))."""
-    return -(targets * F.log_softmax(student_logits / STUDENT_TEMP, dim=-1)).sum(-1)
-
-
-def _sinkhorn(logits: torch.Tensor, temp: float, n_iterations: int = 3) -> torch.Tensor:
-    q = torch.exp(logits.float() / temp).t()
-    k, b = q.shape
-    q = q / q.sum()
-    for _ in range(n_iterations):
-        q = q / q.sum(dim=1, keepdim=True) / k
-        q = q / q.sum(dim=0, keepdim=True) / b
-    return (q * b).t()
-
-
-def _koleo(x: torch.Tensor) -> torch.Tensor:
-    x = F.normalize(x, dim=-1)
-    sims = x @ x.t()
-    sims.fill_diagonal_(-1)
-    nn_index = sims.argmax(dim=1)
-    return -torch.log((x - x[nn_index]).norm(dim=-1) + 1e-8).mean()
-
-
-def manual_losses(model: SSLMetaArch, cfg, batch, teacher_temp: float):
-    """The DINOv2 objective recomputed with separate backbone/head calls and no crop swapping tricks."""
-    b = cfg.train.batch_size_per_gpu
-    n_local = cfg.crops.local_crops_number
-    global_crops, local_crops = batch["collated_global_crops"], batch["collated_local_crops"]
-    masks = batch["collated_masks"]
-    sinkhorn = cfg.train.centering == "sinkhorn_knopp"
-    ibot_head_name = "ibot_head" if cfg.ibot.separate_head else "dino_head"
-    with torch.no_grad():
-        t_out = model.teacher.backbone(global_crops, is_training=True)
-        t_cls = model.teacher.dino_head(t_out["x_norm_clstoken"])
-        t_masked = model.teacher[ibot_head_name](t_out["x_norm_patchtokens"][masks])
-        if sinkhorn:
-            t_cls, t_masked = _sinkhorn(t_cls, teacher_temp), _sinkhorn(t_masked, teacher_temp)
-        else:  # fresh centres are zero
-            t_cls, t_masked = F.softmax(t_cls / teacher_temp, -1), F.softmax(t_masked / teacher_temp, -1)
-    s_global = model.student.backbone(global_crops, masks=masks, is_training=True)
-    s_local = model.student.backbone(local_crops, is_training=True)
-    s_global_cls = model.student.dino_head(s_global["x_norm_clstoken"])
-    s_local_cls = model.student.dino_head(s_local["x_norm_clstoken"])
-    s_masked = model.student[ibot_head_name](s_global["x_norm_patchtokens"][masks])
-
-    teacher_crops = [t_cls[:b], t_cls[b:]]
-    n_terms = 2 * n_local + 2
-    dino_global = (_ce(teacher_crops[1], s_global_cls[:b]).mean() + _ce(teacher_crops[0], s_global_cls[b:]).mean())
-    dino_local = sum(
-        _ce(t, s_local_cls[j * b : (j + 1) * b]).mean() for j in range(n_local) for t in teacher_crops
-    )
-    koleo = sum(_koleo(s_global["x_norm_clstoken"][c * b : (c + 1) * b]) for c in range(2))
-    token_ce = _ce(t_masked, s_masked)
-    owner = masks.nonzero()[:, 0]  # global crop of every masked token, in the same (row-major) order
-    per_crop = [token_ce[owner == i].mean() if (owner == i).any() else token_ce.new_zeros(()) for i in range(2 * b)]
-    ibot = torch.stack(per_crop).mean()
-    losses = {
-        "dino_local_crops_loss": dino_local / n_terms,
-        "dino_global_crops_loss": dino_global / n_terms,
-        "koleo_loss": cfg.dino.koleo_loss_weight * koleo / 2,
-        "ibot_loss": ibot / 2,
-    }
-    total = (
-        cfg.dino.loss_weight * (losses["dino_local_crops_loss"] + losses["dino_global_crops_loss"])
-        + cfg.dino.koleo_loss_weight * koleo
-        + cfg.ibot.loss_weight * ibot
-    )
-    return losses, total
-
 
 @pytest.mark.parametrize(
     "overrides",

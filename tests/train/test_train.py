@@ -1,13 +1,12 @@
 import os
 import re
 import shutil
-import subprocess
 import sys
 
 import pytest
 import torch
 import train_helpers
-from train_helpers import REPO, SAMPLE_CONFIG, precision_opts, read_metrics, run_training, tiny_opts
+from train_helpers import REPO, SAMPLE_CONFIG, precision_opts, read_metrics, run_torchrun, run_training, tiny_opts
 
 from dinov2.data.prefetcher import DevicePrefetcher
 from dinov2.loss import KoLeoLoss
@@ -207,19 +206,6 @@ def test_teacher_checkpoint_has_flat_keys_and_loads_into_hub_model(tmp_path, sam
         assert torch.equal(manual[k], v), k
 
 
-def _run_torchrun(cmd, env):
-    """Run a torchrun job; its output is shown when it fails. A rendezvous port taken by another process between
-    torchrun's free-port pick and its bind (EADDRINUSE) is the one failure retried, once."""
-    for attempt in range(2):
-        result = subprocess.run(cmd, cwd=REPO, env=env, timeout=240, capture_output=True, text=True)
-        output = result.stdout + result.stderr
-        if result.returncode == 0:
-            return
-        if attempt == 0 and "address already in use" in output.lower():
-            continue
-        pytest.fail(f"torchrun exited with {result.returncode}:\n{output[-6000:]}")
-
-
 def _weight_decay_by_group(checkpoint):
     groups = torch.load(checkpoint, weights_only=True)["optimizer"]["param_groups"]
     return sorted((g["wd_multiplier"], len(g["params"])) for g in groups)
@@ -235,7 +221,7 @@ def test_two_process_torchrun_saves_and_resumes_on_other_world_sizes(tmp_path, s
         os.path.join(REPO, "dinov2", "train", "train.py"), "--config-file", SAMPLE_CONFIG, "--output-dir", out,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    _run_torchrun(cmd + tiny_opts(sample_root, optim__epochs=1, train__checkpoint_period=2), env)
+    run_torchrun(cmd + tiny_opts(sample_root, optim__epochs=1, train__checkpoint_period=2), env)
     for rank in (0, 1):
         assert os.path.isfile(os.path.join(out, f"model_0000003.rank_{rank}.pth"))
         assert open(os.path.join(out, f"last_checkpoint.rank_{rank}")).read() == f"model_final.rank_{rank}.pth"
@@ -248,7 +234,7 @@ def test_two_process_torchrun_saves_and_resumes_on_other_world_sizes(tmp_path, s
     assert "model_final.rank_0.pth at iteration 3" in log and "written by 2 ranks, this run has 1" in log
     assert _weight_decay_by_group(os.path.join(out, "model_final.rank_0.pth")) == two_rank_groups
 
-    _run_torchrun(cmd + tiny_opts(sample_root, optim__epochs=3, train__checkpoint_period=2), env)
+    run_torchrun(cmd + tiny_opts(sample_root, optim__epochs=3, train__checkpoint_period=2), env)
     for rank, log_name in ((0, "log.txt"), (1, "log.txt.rank1")):
         log = open(os.path.join(out, "logs", log_name)).read()
         assert "model_final.rank_0.pth at iteration 7" in log  # rank 1 reads rank 0's file: one process wrote it
@@ -274,7 +260,7 @@ def test_two_rank_fp16_run_resumes_like_an_uninterrupted_one(tmp_path, sample_ro
                 shutil.copy(os.path.join(runs["straight"], checkpoint), runs[name])
                 with open(os.path.join(runs[name], f"last_checkpoint.rank_{rank}"), "w") as f:
                     f.write(checkpoint)
-        _run_torchrun([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", launcher,
+        run_torchrun([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", launcher,
                        "--config-file", SAMPLE_CONFIG, "--output-dir", runs[name], *opts], env)  # fmt: skip
 
     assert "model_0000011.rank_0.pth at iteration 11" in open(os.path.join(runs["resumed"], "logs", "log.txt")).read()
