@@ -14,8 +14,7 @@ again from the same files.
 
 import logging
 import os
-from collections import Counter
-from typing import Dict, List, Tuple
+from typing import Dict, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
@@ -23,7 +22,7 @@ from torch import nn
 from dinov2.configs import ConfigError, dinov2_default_config, merge_configs
 from dinov2.layers import DINOHead
 from dinov2.models import build_model_from_cfg
-from dinov2.utils.utils import PretrainedWeightsError, load_pretrained_weights
+from dinov2.utils.utils import PretrainedWeightsError, load_pretrained_weights, summarise_keys
 
 logger = logging.getLogger("dinov2")
 
@@ -72,20 +71,15 @@ def check_compatible(cfg: DictConfig, teacher_cfg: DictConfig, student_ibot_dim:
         )
 
 
-def _summary(keys: List[str]) -> str:
-    counts = Counter(key.split(".")[0] + (".*" if "." in key else "") for key in keys)
-    return ", ".join(f"{name} ({count})" if count > 1 else name for name, count in counts.items())
-
-
 def _load_strictly(teacher: nn.ModuleDict, path: str, source: str) -> None:
     try:
         load_pretrained_weights(teacher, path, checkpoint_key="teacher", strict=True)
     except PretrainedWeightsError as e:
         lines = [f"distillation.checkpoint_path {path} does not hold the teacher that {source} describes"]
         if e.missing_keys:
-            lines.append(f"  missing keys: {_summary(e.missing_keys)}")
+            lines.append(f"  missing keys: {summarise_keys(e.missing_keys, limit=0)}")
         if e.unexpected_keys:
-            lines.append(f"  unexpected keys: {_summary(e.unexpected_keys)}")
+            lines.append(f"  unexpected keys: {summarise_keys(e.unexpected_keys, limit=0)}")
         lines += [f"  shape mismatch {k}: checkpoint {c} vs model {m}" for k, (c, m) in e.shape_mismatches.items()]
         if any(key.startswith(("dino_head.", "ibot_head.")) for key in e.missing_keys):
             lines.append(

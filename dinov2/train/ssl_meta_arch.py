@@ -25,6 +25,7 @@ from torch import nn
 from torch.nn.attention import sdpa_kernel
 
 import dinov2.distributed as distributed
+from dinov2.configs import ConfigError
 from dinov2.data.prefetcher import batch_to_device
 from dinov2.fsdp import ShardedGradScaler, get_fsdp_wrapper, mixed_precision_dtype, reshard_fsdp_model
 from dinov2.fsdp.low_precision import LowPrecisionCopy, cast_forward_inputs
@@ -96,7 +97,11 @@ class SSLMetaArch(nn.Module):
         self.embed_dim = embed_dim
         self.dino_out_dim = cfg.dino.head_n_prototypes
 
-        if cfg.student.pretrained_weights:
+        load_heads = bool(cfg.student.pretrained_heads)
+        if load_heads and not cfg.student.pretrained_weights:
+            raise ConfigError("student.pretrained_heads is true but student.pretrained_weights is empty: set it to a "
+                              "run's teacher_checkpoint.pth (eval/training_<iter>/), which holds the heads")
+        if cfg.student.pretrained_weights and not load_heads:
             # raw hub .pth, {"model": ...} or {"teacher": ...}; logs "Loaded pretrained weights from <path>"
             load_pretrained_weights(student_backbone, cfg.student.pretrained_weights, strict=True)
 
@@ -144,13 +149,16 @@ class SSLMetaArch(nn.Module):
             for loss in [self.dino_loss] + ([self.ibot_patch_loss] if self.do_ibot else []):
                 loss.kernels.compile(backend)
 
+        if load_heads:  # backbone and heads of a run's teacher, strictly (the teacher copies them below)
+            load_pretrained_weights(nn.ModuleDict(student_model_dict), cfg.student.pretrained_weights, strict=True)
         self.student = nn.ModuleDict(student_model_dict)
         self.teacher = nn.ModuleDict(teacher_model_dict)
         # what runs the forward of each side: the modules themselves, or their low-precision copies (plain dicts and
         # lists, so that the copies are neither submodules nor in the state dict)
         self._run: Dict[str, Any] = {"student": self.student, "teacher": self.teacher}
         self._run.update(self._frozen)
-        if self.distilling:  # nothing is masked: the mask token gets no gradient, so it is left out of training (and of the
+        if self.distilling:
+            # nothing is masked: the mask token gets no gradient, so it is left out of training (and of the
             # optimizer, whose state it would otherwise never have)
             self.student.backbone.mask_token.requires_grad_(False)
         self._copies: Dict[str, List[LowPrecisionCopy]] = {"student": [], "teacher": []}

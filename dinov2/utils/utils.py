@@ -173,6 +173,15 @@ def _pos_embed_hint(model: nn.Module, shapes: Tuple[Tuple[int, ...], Tuple[int, 
     )
 
 
+def summarise_keys(keys: Sequence[str], limit: int = 20) -> str:
+    """`keys` joined, or when there are more than `limit` of them counted by their first name part
+    (`blocks.* (144), cls_token, ...`): a wrong file's error stays readable."""
+    if len(keys) <= limit:
+        return ", ".join(keys)
+    counts = Counter(key.split(".")[0] + (".*" if "." in key else "") for key in keys)
+    return ", ".join(f"{name} ({count})" if count > 1 else name for name, count in counts.items())
+
+
 def _mismatch_message(
     model: nn.Module,
     path: str,
@@ -182,9 +191,9 @@ def _mismatch_message(
 ) -> str:
     lines = [f"Weights in {path} do not match {type(model).__name__} (key names as mapped to the model's layout):"]
     if missing:
-        lines.append(f"  missing keys ({len(missing)}): {', '.join(missing)}")
+        lines.append(f"  missing keys ({len(missing)}): {summarise_keys(missing)}")
     if unexpected:
-        lines.append(f"  unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
+        lines.append(f"  unexpected keys ({len(unexpected)}): {summarise_keys(unexpected)}")
     for key, (ckpt_shape, model_shape) in mismatched.items():
         hint = _pos_embed_hint(model, (ckpt_shape, model_shape)) if key == "pos_embed" else ""
         lines.append(f"  shape mismatch {key}: checkpoint {tuple(ckpt_shape)} vs model {tuple(model_shape)}{hint}")

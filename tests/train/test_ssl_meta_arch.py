@@ -5,10 +5,13 @@ import pytest
 import torch
 from train_helpers import manual_losses, random_batch, tiny_cfg
 
+from dinov2.configs import ConfigError
 from dinov2.loss.kernels import centered_softmax, lossfunc
 from dinov2.models import build_model_from_cfg
 from dinov2.train.ssl_meta_arch import LOSS_KEYS, SSLMetaArch
+from dinov2.train.train import teacher_state_dict
 from dinov2.utils.utils import PretrainedWeightsError
+
 
 @pytest.mark.parametrize(
     "overrides",
@@ -110,6 +113,51 @@ def test_pretrained_weights_wrong_arch_is_an_error(tmp_path):
     with pytest.raises(PretrainedWeightsError, match=f"Weights in {path} do not match") as excinfo:
         SSLMetaArch(tiny_cfg(student__pretrained_weights=str(path)))
     assert "blocks.0.attn.qkv.weight" in excinfo.value.shape_mismatches
+
+
+@pytest.mark.parametrize("separate_head", [False, True], ids=["shared-head", "separate-head"])
+def test_pretrained_heads_continue_a_runs_teacher_with_its_heads(tmp_path, separate_head):
+    """`student.pretrained_heads`: a run's teacher_checkpoint.pth gives backbone and heads to student and teacher,
+    tensor for tensor; without it only the backbone is loaded and the heads start anew."""
+    torch.manual_seed(5)
+    source = SSLMetaArch(tiny_cfg(ibot__separate_head=separate_head))
+    with torch.no_grad():
+        for p in source.teacher.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    saved = teacher_state_dict(source)
+    path = str(tmp_path / "teacher_checkpoint.pth")
+    torch.save({"teacher": saved}, path)
+    heads = ["dino_head", "ibot_head"] if separate_head else ["dino_head"]
+    assert sorted({k.split(".")[0] for k in saved}) == ["backbone"] + heads
+
+    torch.manual_seed(0)
+    model = SSLMetaArch(tiny_cfg(ibot__separate_head=separate_head, student__pretrained_weights=path,
+                                 student__pretrained_heads=True))
+    for side in (model.student, model.teacher):
+        state = {f"{name}.{k}": v for name, module in side.items() for k, v in module.state_dict().items()}
+        assert list(state) == list(saved)
+        for k, v in saved.items():
+            torch.testing.assert_close(state[k], v, rtol=0, atol=0, msg=k)
+    torch.manual_seed(0)
+    backbone_only = SSLMetaArch(tiny_cfg(ibot__separate_head=separate_head, student__pretrained_weights=path))
+    assert torch.equal(backbone_only.student.backbone.pos_embed, saved["backbone.pos_embed"])
+    assert not torch.equal(backbone_only.student.dino_head.last_layer.weight_v, saved["dino_head.last_layer.weight_v"])
+
+
+def test_pretrained_heads_need_a_file_with_heads(tmp_path):
+    with pytest.raises(ConfigError, match="student.pretrained_heads is true but student.pretrained_weights is empty"):
+        SSLMetaArch(tiny_cfg(student__pretrained_heads=True))
+    path = tmp_path / "hub_vit_tiny.pth"
+    torch.save(_hub_state_dict("vit_tiny"), path)  # a released backbone: no heads, no `backbone.` prefix
+    with pytest.raises(PretrainedWeightsError) as excinfo:
+        SSLMetaArch(tiny_cfg(student__pretrained_weights=str(path), student__pretrained_heads=True))
+    lines = str(excinfo.value).splitlines()
+    assert lines[0] == f"Weights in {path} do not match ModuleDict (key names as mapped to the model's layout):"
+    # ViT-Ti: 3 tokens, 2 patch-embedding keys, 12 blocks x 14 keys and 2 norm keys = 175; the DINO head has 8
+    assert lines[1] == "  missing keys (183): backbone.* (175), dino_head.* (8)"
+    assert lines[2] == ("  unexpected keys (175): cls_token, pos_embed, mask_token, patch_embed.* (2), blocks.* (168), "
+                        "norm.* (2)")
+    assert len(excinfo.value.missing_keys) == 183
 
 
 def test_compiled_checkpointed_blocks_give_the_plain_losses_gradients_and_keys():
