@@ -120,16 +120,7 @@ def setup_and_build_model(args: argparse.Namespace) -> Tuple[torch.nn.Module, to
 def add_qc_arguments(parser: argparse.ArgumentParser) -> None:
     """Options shared by the three probes: eval transform, operating threshold and group metrics, and those of
     `add_inference_arguments`."""
-    parser.add_argument("--resize-size", type=int, default=256, help="Eval transform: resize the short side to this")
-    parser.add_argument("--crop-size", type=int, default=224, help="Eval transform: center crop size")
-    parser.add_argument(
-        "--draft-reducing-gap",
-        type=float,
-        default=2.0,
-        help="Eval transform: decode JPEGs at the coarsest DCT scale (1/2, 1/4, 1/8) that keeps the short side at "
-        "least this many times --resize-size (3-4x faster on 12 MP photos; features within rounding of a full "
-        "decode); 0 decodes at full size, as upstream",
-    )
+    add_transform_arguments(parser)
     parser.add_argument(
         "--threshold-policy",
         type=str,
@@ -147,6 +138,20 @@ def add_qc_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ood-quantile", type=_quantile, default=0.99,
                         help="Unfamiliar images: flagged above this quantile of held-out training images")
     add_inference_arguments(parser)
+
+
+def add_transform_arguments(parser: argparse.ArgumentParser) -> None:
+    """The eval transform's options (the probes' defaults)."""
+    parser.add_argument("--resize-size", type=int, default=256, help="Eval transform: resize the short side to this")
+    parser.add_argument("--crop-size", type=int, default=224, help="Eval transform: center crop size")
+    parser.add_argument(
+        "--draft-reducing-gap",
+        type=float,
+        default=2.0,
+        help="Eval transform: decode JPEGs at the coarsest DCT scale (1/2, 1/4, 1/8) that keeps the short side at "
+        "least this many times --resize-size (3-4x faster on 12 MP photos; features within rounding of a full "
+        "decode); 0 decodes at full size, as upstream",
+    )
 
 
 def non_negative_int(text: str) -> int:
@@ -199,9 +204,10 @@ def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def check_qc_arguments(args: argparse.Namespace) -> None:
-    """Fail early on a bad threshold policy, FPR target, draft gap or compile backend, before any feature is
-    extracted."""
-    parse_policy(args.threshold_policy)
+    """Fail early on a bad threshold policy (commands that set no threshold have none), FPR target, draft gap or
+    compile backend, before any feature is extracted."""
+    if getattr(args, "threshold_policy", None) is not None:
+        parse_policy(args.threshold_policy)
     if not 0.0 <= args.fpr_target <= 1.0:
         raise ValueError(f"--fpr-target must be in [0, 1], got {args.fpr_target}")
     if args.draft_reducing_gap != 0 and args.draft_reducing_gap < 1:

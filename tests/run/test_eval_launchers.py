@@ -1,5 +1,5 @@
-"""dinov2.run.eval.{knn,linear,log_regression,predict,explain}: submitit launchers submit the named job, which runs
-the CLI."""
+"""dinov2.run.eval.{knn,linear,log_regression,predict,explain,duplicates}: submitit launchers submit the named job,
+which runs the CLI."""
 
 import importlib
 import json
@@ -36,6 +36,21 @@ def test_launcher_submits_the_named_job(monkeypatch, tmp_path, module, job_name,
     assert submitted["name"] == job_name and isinstance(task, launcher.Evaluator) and task.module == eval_module
     assert task.args.train_dataset_str == "BBU:root=R:split=TRAIN" and task.args.ngpus == 1
     assert task.args.threshold_policy == "f1" and task.args.output_dir == str(tmp_path / "%j")
+
+
+def test_duplicates_launcher_submits_the_check(monkeypatch, tmp_path):
+    submitted = {}
+    monkeypatch.setattr(launcher, "submit_jobs",
+                        lambda task_class, args, name: submitted.update(task=task_class(args), name=name))
+    config = tmp_path / "c.yaml"
+    config.write_text(CONFIG)
+    run_module = importlib.import_module("dinov2.run.eval.duplicates")
+    argv = ["--config-file", str(config), "--pretrained-weights", "random", "--output-dir", str(tmp_path), "--datasets",
+            "A", "B", "--fail-on", "cross-split", "--ngpus", "1", "--nodes", "1"]
+    assert run_module.main(argv) == 0
+    task = submitted["task"]
+    assert submitted["name"] == "dinov2:duplicates" and task.module == "dinov2.eval.duplicates"
+    assert (task.args.dataset_strs, task.args.threshold, task.args.fail_on) == (["A", "B"], 0.95, "cross-split")
 
 
 def test_missing_config_file_is_reported(monkeypatch, tmp_path):
