@@ -7,6 +7,7 @@ from omegaconf import OmegaConf
 from train_helpers import (
     REPO,
     SAMPLE_CONFIG,
+    crash_training,
     manual_losses,
     precision_opts,
     random_batch,
@@ -128,20 +129,7 @@ def test_distillation_runs_resume_like_an_uninterrupted_run(tmp_path, sample_roo
     opts = tiny_opts(sample_root, student__drop_path_rate=0.0, **distil_overrides(cfg_path, checkpoint))
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
     run_training(straight, opts)
-
-    original = SSLMetaArch.forward_backward
-    calls = {"n": 0}
-
-    def crash(self, images, teacher_temp):
-        calls["n"] += 1
-        if calls["n"] == 7:
-            raise KeyboardInterrupt("simulated crash")
-        return original(self, images, teacher_temp)
-
-    monkeypatch.setattr(SSLMetaArch, "forward_backward", crash)
-    with pytest.raises(KeyboardInterrupt):
-        run_training(resumed, opts)
-    monkeypatch.setattr(SSLMetaArch, "forward_backward", original)
+    crash_training(resumed, opts, monkeypatch, crash_iteration=6)
     run_training(resumed, opts)
 
     losses = {run: {m["iteration"]: [m[k] for k in ("total_loss",) + LOSS_KEYS] for m in read_metrics(run)}

@@ -6,14 +6,23 @@ import sys
 import pytest
 import torch
 import train_helpers
-from train_helpers import REPO, SAMPLE_CONFIG, precision_opts, read_metrics, run_torchrun, run_training, tiny_opts
+from train_helpers import (
+    REPO,
+    SAMPLE_CONFIG,
+    crash_training,
+    precision_opts,
+    read_metrics,
+    run_torchrun,
+    run_training,
+    tiny_opts,
+)
 
 from dinov2.data.prefetcher import DevicePrefetcher
 from dinov2.loss import KoLeoLoss
 from dinov2.models import vision_transformer as vits
 from dinov2.train import ssl_meta_arch
 from dinov2.train import train as train_module
-from dinov2.train.ssl_meta_arch import LOSS_KEYS, SSLMetaArch
+from dinov2.train.ssl_meta_arch import LOSS_KEYS
 
 METRICS = ("total_loss",) + LOSS_KEYS
 
@@ -76,19 +85,7 @@ def test_resumed_run_reproduces_uninterrupted_losses(tmp_path, sample_root, monk
     assert sorted(expected) == list(range(iterations))
 
     resumed = str(tmp_path / "resumed")
-    original = SSLMetaArch.forward_backward
-    calls = {"n": 0}
-
-    def crash(self, images, teacher_temp):
-        calls["n"] += 1
-        if calls["n"] == crash_iteration + 1:
-            raise KeyboardInterrupt("simulated crash")
-        return original(self, images, teacher_temp)
-
-    monkeypatch.setattr(SSLMetaArch, "forward_backward", crash)
-    with pytest.raises(KeyboardInterrupt):
-        run_training(resumed, opts)
-    monkeypatch.setattr(SSLMetaArch, "forward_backward", original)
+    crash_training(resumed, opts, monkeypatch, crash_iteration)
     checkpoint = f"model_{resume_from:07d}.rank_0.pth"
     assert open(os.path.join(resumed, "last_checkpoint.rank_0")).read().strip() == checkpoint
 

@@ -119,6 +119,26 @@ def run_torchrun(cmd: List[str], env: Dict[str, str]) -> None:
         pytest.fail(f"torchrun exited with {result.returncode}:\n{output[-6000:]}")
 
 
+def crash_training(output_dir: str, opts: List[str], monkeypatch, crash_iteration: int) -> None:
+    """`run_training` that stops with a KeyboardInterrupt (a simulated crash) when it starts iteration
+    `crash_iteration`: what it saved before stays for a resumed run."""
+    from dinov2.train.ssl_meta_arch import SSLMetaArch
+
+    original = SSLMetaArch.forward_backward
+    calls = {"n": 0}
+
+    def crash(self, images, teacher_temp):
+        calls["n"] += 1
+        if calls["n"] == crash_iteration + 1:
+            raise KeyboardInterrupt("simulated crash")
+        return original(self, images, teacher_temp)
+
+    monkeypatch.setattr(SSLMetaArch, "forward_backward", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(output_dir, opts)
+    monkeypatch.setattr(SSLMetaArch, "forward_backward", original)
+
+
 def read_metrics(output_dir: str) -> List[Dict]:
     with open(os.path.join(output_dir, "training_metrics.json")) as f:
         return [json.loads(line) for line in f if line.strip()]
