@@ -2,12 +2,16 @@
 
 Scans every split of a BBU dataset (or the one split / annotation file the string names) and reports, without
 stopping at the first problem: entries per class and split, groups whose size differs from the majority, groups with
-mixed labels, groups present in two splits (leakage), duplicate image paths, missing or unreadable images (every image
-is decoded unless `--no-decode`) and image size statistics. Exit code 1 when an error is found (missing/unreadable
-images, leakage, duplicates, bad annotations), 0 otherwise (warnings: group sizes, mixed labels, missing splits).
+mixed labels, groups present in two splits (leakage), duplicate image paths, identical image files under different
+paths (a copy in another split is leakage the group ids do not show), missing or unreadable images (every image is
+read and decoded unless `--no-decode`) and image size statistics. Exit code 1 when an error is found
+(missing/unreadable images, leakage, duplicate paths, identical files in different splits, bad annotations), 0
+otherwise (warnings: group sizes, mixed labels, identical files within a split, missing splits). Photos that are
+alike but not identical take a backbone to find: `dinov2.eval.duplicates`.
 """
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -71,6 +75,7 @@ class _Entries:
     splits: Dict[str, Dict] = field(default_factory=dict)  # per-split summary
     groups: Dict[Tuple[str, str], List[int]] = field(default_factory=lambda: defaultdict(list))  # (split, id) -> labels
     owners: Dict[str, List[str]] = field(default_factory=lambda: defaultdict(list))  # img_path -> ["SPLIT entry i"]
+    places: Dict[str, List[str]] = field(default_factory=lambda: defaultdict(list))  # img_path -> ["SPLIT group g"]
 
 
 def _scan_annotations(files: Dict[str, str], findings: _Findings) -> _Entries:
@@ -97,6 +102,7 @@ def _scan_annotations(files: Dict[str, str], findings: _Findings) -> _Entries:
         for index, group_id, label, img_path in zip(annotations.entry_indices, group_ids, labels.tolist(), img_paths):
             entries.groups[(split, group_id)].append(label)
             entries.owners[os.path.normpath(img_path)].append(f"{split} entry {index}")
+            entries.places[os.path.normpath(img_path)].append(f"{split} group {group_id}")
         per_class = {name: int((labels == i).sum()) for i, name in enumerate(annotations.class_names)}
         per_class["unlabelled"] = int((labels == UNLABELLED).sum())
         entries.splits[split] = {
@@ -128,19 +134,50 @@ def _check_groups_and_paths(entries: _Entries, findings: _Findings) -> int:
     return majority
 
 
+def _file_digest(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def _read_and_digest(path: str, decode: bool) -> Tuple[Tuple[str, Optional[Tuple[int, int]], str], Optional[str]]:
+    """`read_image`'s answer and, for a decoded readable image, the SHA-256 of its bytes."""
+    result = read_image(path, decode)
+    return result, _file_digest(path) if decode and result[0] == "ok" else None
+
+
+def _check_identical_files(digests: Dict[str, str], places: Dict[str, List[str]], findings: _Findings) -> None:
+    """Different paths with the same bytes: an error when they are in different splits, else a warning."""
+    paths_of: Dict[str, List[str]] = defaultdict(list)
+    for img_path, digest in sorted(digests.items()):
+        paths_of[digest].append(img_path)
+    for paths in paths_of.values():
+        if len(paths) < 2:
+            continue
+        where = [place for p in paths for place in places[p]]
+        message = "identical files: " + ", ".join(f"{p} ({', '.join(places[p])})" for p in paths)
+        if len({place.split(" ", 1)[0] for place in where}) > 1:
+            findings.error("identical_files", message)
+        else:
+            findings.warning("identical_files", message)
+
+
 def _check_images(
-    root: str, owners: Dict[str, List[str]], decode: bool, num_workers: int, findings: _Findings
+    root: str, entries: _Entries, decode: bool, num_workers: int, findings: _Findings
 ) -> List[Tuple[int, int]]:
-    """Read (or only stat) every listed image in threads; returns the decoded sizes."""
+    """Read (or only stat) every listed image in threads, and compare the files' bytes; returns the decoded sizes."""
+    owners = entries.owners
     paths = sorted(owners)
     with ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool:
-        results = list(pool.map(lambda p: read_image(os.path.join(root, p), decode), paths))
-    sizes = []
-    for img_path, (status, size, message) in zip(paths, results):
+        results = list(pool.map(lambda p: _read_and_digest(os.path.join(root, p), decode), paths))
+    sizes, digests = [], {}
+    for img_path, ((status, size, message), digest) in zip(paths, results):
         if status != "ok":
             findings.error(f"{status}_image", f"{message} ({', '.join(owners[img_path])})")
         elif size is not None:
             sizes.append(size)
+        if digest is not None:
+            digests[img_path] = digest
+    _check_identical_files(digests, entries.places, findings)
     return sizes
 
 
@@ -163,7 +200,7 @@ def check_bbu(
     if not entries.splits and not findings.errors:
         findings.error("annotation", f"no annotation file found under {root}")
     majority = _check_groups_and_paths(entries, findings)
-    sizes = _check_images(root, entries.owners, decode, num_workers, findings)
+    sizes = _check_images(root, entries, decode, num_workers, findings)
     return {
         "root": root,
         "decoded": decode,

@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -79,6 +80,36 @@ def test_warnings_do_not_fail(bbu_copy, capsys):
     assert f"[group_size] TEST group {group_a}: 2 images (majority 3)" in text
     assert f"[mixed_labels] TEST group {group_b}: labels [0, 1]" in text
     assert "[missing_split] VAL: annotation file not found" in text and "result: OK" in text
+
+
+def _copy_as(root, entry, split, group_id):
+    """A new annotation entry for a byte-for-byte copy of `entry`'s image, filed in `split` under device `group_id`."""
+    img_path = f"{split}/{group_id}/{group_id}-0.jpeg"
+    os.makedirs(os.path.join(root, split, group_id))
+    shutil.copy(os.path.join(root, entry["img_path"]), os.path.join(root, img_path))
+    return {**entry, "img_path": img_path, "group_id": group_id}
+
+
+def test_identical_files_under_other_paths(bbu_copy):
+    """A training photo copied into TEST under a new device (leakage the group ids do not show) is an error naming
+    both files; a copy within TRAIN under another device is a warning; --no-decode reads no bytes."""
+    root = bbu_copy
+    train, test = _load(root, "train"), _load(root, "test")
+    leaked, twinned = train["data_list"][0], train["data_list"][3]
+    test["data_list"].append(_copy_as(root, leaked, "test", "copied"))
+    train["data_list"].append(_copy_as(root, twinned, "train", "twin"))
+    _dump(root, "train", train)
+    _dump(root, "test", test)
+    report = check_bbu(root)
+    errors = [e["message"] for e in report["errors"] if e["kind"] == "identical_files"]
+    warnings = [w["message"] for w in report["warnings"] if w["kind"] == "identical_files"]
+    assert errors == [f"identical files: test/copied/copied-0.jpeg (TEST group copied), {leaked['img_path']} "
+                      f"(TRAIN group {leaked['group_id']})"]
+    assert warnings == [f"identical files: {twinned['img_path']} (TRAIN group {twinned['group_id']}), "
+                        "train/twin/twin-0.jpeg (TRAIN group twin)"]
+    assert [e["kind"] for e in report["errors"]] == ["identical_files"]
+    assert not [e for e in check_bbu(root, decode=False)["errors"] + check_bbu(root, decode=False)["warnings"]
+                if e["kind"] == "identical_files"]
 
 
 def test_no_decode_only_checks_existence(bbu_copy):
