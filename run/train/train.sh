@@ -9,6 +9,9 @@
 #   DATA_ROOT   BBU dataset root: TRAIN split for pretraining, TRAIN/VAL/TEST for the probes
 #               (default data/bbu_sample, generated with scripts/make_sample_bbu.py --groups $SAMPLE_GROUPS if missing;
 #               SAMPLE_GROUPS default 100 devices = 300 images, split 60/20/20 by device)
+#   CHECK       quick|full|false (default quick): check DATA_ROOT first (dinov2.data.check; quick: annotations, groups
+#               leaking across splits, duplicate paths, missing files; full: also decodes every image and finds
+#               identical files under different paths); errors stop the run before it trains
 #   DATASET     pretraining dataset string (default BBU:root=$DATA_ROOT:split=TRAIN), e.g. an unlabelled pool
 #   NO_RESUME   true|false (default false): true starts fresh instead of resuming from OUTPUT_DIR's checkpoints
 #   EXTRA       more key=value config overrides, e.g. "optim.epochs=20 train.batch_size_per_gpu=32"
@@ -41,6 +44,7 @@ EXTRA="${EXTRA:-}"
 LINEAR_OPTS="${LINEAR_OPTS:---epochs 10 --epoch-length 50}"
 EXPORT="${EXPORT:-auto}"
 EXPLAIN="${EXPLAIN:-true}"
+CHECK="${CHECK:-quick}"
 CONVERT="${CONVERT:-auto}"
 if [[ -z "${NPROC:-}" ]]; then
     NPROC="$("$PYTHON" -c 'import torch; print(max(torch.cuda.device_count(), 1))')"
@@ -71,6 +75,13 @@ case "$EXPLAIN" in
     *) echo "EXPLAIN must be true or false, got '$EXPLAIN'" >&2; exit 2 ;;
 esac
 
+case "$CHECK" in
+    quick) CHECK_FLAGS=(--no-decode) ;;
+    full) CHECK_FLAGS=() ;;
+    false) ;;
+    *) echo "CHECK must be quick, full or false, got '$CHECK'" >&2; exit 2 ;;
+esac
+
 case "$NO_RESUME" in
     true) RESUME_FLAG=(--no-resume) ;;
     false) RESUME_FLAG=() ;;
@@ -80,6 +91,14 @@ esac
 if [[ ! -f "$DATA_ROOT/annotations/train.json" ]]; then
     echo "== generating the sample BBU dataset in $DATA_ROOT"
     "$PYTHON" scripts/make_sample_bbu.py "$DATA_ROOT" --groups "${SAMPLE_GROUPS:-100}"
+fi
+
+if [[ "$CHECK" != false ]]; then
+    echo "== checking the dataset in $DATA_ROOT ($CHECK)"
+    if ! "$PYTHON" -m dinov2.data.check "BBU:root=$DATA_ROOT" "${CHECK_FLAGS[@]}"; then
+        echo "The dataset check found errors (above): fix them, or run with CHECK=false" >&2
+        exit 1
+    fi
 fi
 
 echo "== pretraining: $NNODES node(s) x $NPROC process(es), config $CONFIG, output $OUTPUT_DIR"
