@@ -16,6 +16,7 @@ host time), and `self.student` / `self.teacher` keep the fp32 parameters the opt
 """
 
 import logging
+import math
 from contextlib import nullcontext
 from typing import Any, Dict, List, NoReturn, Optional, Tuple
 
@@ -47,6 +48,8 @@ logger = logging.getLogger("dinov2")
 
 N_GLOBAL_CROPS = 2
 LOSS_KEYS = ("dino_local_crops_loss", "dino_global_crops_loss", "koleo_loss", "ibot_loss")
+# what the DINO targets look like (see `target_statistics`): the signs of a collapsed image-level head
+TARGET_KEYS = ("dino_target_entropy", "dino_target_prototypes")
 
 
 def mixed_precision_enabled() -> bool:
@@ -63,6 +66,18 @@ def fp32_precision(precision_cfg: DictConfig) -> DictConfig:
             for key in module_cfg.mixed_precision:
                 module_cfg.mixed_precision[key] = "fp32"
     return cfg
+
+
+def target_statistics(targets: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """Of DINO target distributions (rows over K prototypes): their mean entropy as a fraction of ln K (1: every
+    target uniform, the head tells no image from another) and the effective number of prototypes the batch uses,
+    exp(entropy of the mean target) (about 1: every image goes to the same prototype). Tensors: no host sync."""
+    p = targets.float().flatten(0, -2)
+    k = p.shape[-1]
+    entropy = -(p * p.clamp_min(1e-30).log()).sum(dim=-1).mean() / math.log(k)
+    marginal = p.mean(dim=0)
+    prototypes = torch.exp(-(marginal * marginal.clamp_min(1e-30).log()).sum())
+    return dict(zip(TARGET_KEYS, (entropy, prototypes)))
 
 
 class SSLMetaArch(nn.Module):
@@ -268,7 +283,8 @@ class SSLMetaArch(nn.Module):
         Normalisation as upstream: with n_local local crops there are 2*n_local local and 2 global DINO terms;
         each DINO term is divided by their total (a mean over pairs), KoLeo is summed over the 2 global crops, and
         the iBOT loss is the mean over global crops of the per-crop mean over masked patches. The returned dict holds
-        the displayed values (KoLeo and iBOT per global crop, as upstream) as detached tensors.
+        the displayed values (KoLeo and iBOT per global crop, as upstream) as detached tensors, and the
+        `target_statistics` of the DINO targets.
         """
         device = self.device
         images = batch_to_device(images, device)
@@ -350,6 +366,8 @@ class SSLMetaArch(nn.Module):
         self.backprop_loss(loss_accumulator)
         loss_dict = {k: v.detach() for k, v in loss_dict.items()}
         loss_dict["total_loss"] = loss_accumulator.detach()
+        with torch.no_grad():
+            loss_dict.update(target_statistics(targets["dino"]))
         return loss_dict
 
     @torch.no_grad()

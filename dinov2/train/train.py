@@ -36,7 +36,7 @@ from dinov2.fsdp import clip_grad_norm_ as fsdp_clip_grad_norm_
 from dinov2.fsdp.checkpointer import full_state_dict_options, get_rng_state, set_rng_state
 from dinov2.logging import MetricLogger, SmoothedValue
 from dinov2.train import ssl_meta_arch
-from dinov2.train.ssl_meta_arch import LOSS_KEYS, SSLMetaArch
+from dinov2.train.ssl_meta_arch import LOSS_KEYS, TARGET_KEYS, SSLMetaArch
 from dinov2.utils.config import setup
 from dinov2.utils.dtype import as_torch_dtype
 from dinov2.utils.utils import CosineScheduler, atomic_write, convert_chunked_to_flat
@@ -44,7 +44,9 @@ from dinov2.utils.utils import CosineScheduler, atomic_write, convert_chunked_to
 torch.backends.cuda.matmul.allow_tf32 = True  # PyTorch 1.12 sets this to False by default
 logger = logging.getLogger("dinov2")
 
-METRIC_KEYS = ("total_loss",) + LOSS_KEYS
+METRIC_KEYS = ("total_loss",) + LOSS_KEYS + TARGET_KEYS
+UNIFORM_TARGETS = 0.99  # dino_target_entropy (fraction of ln K) at or above which the targets count as uniform
+ONE_PROTOTYPE = 2.0  # dino_target_prototypes below which every image counts as going to the same prototype
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -272,6 +274,21 @@ class LossMonitor:
         return dict(zip(METRIC_KEYS, values[:-1]))
 
 
+def collapse_warning(metrics: Dict[str, float], n_prototypes: int) -> Optional[str]:
+    """A warning when the logged DINO target statistics show a collapsed image-level head, else None."""
+    entropy, prototypes = metrics["dino_target_entropy"], metrics["dino_target_prototypes"]
+    if entropy >= UNIFORM_TARGETS:
+        what = (f"the DINO targets are almost uniform (entropy {entropy:.4f} of ln {n_prototypes}): the head tells no "
+                "image from another")
+    elif prototypes < ONE_PROTOTYPE:
+        what = f"every image goes to the same DINO prototype (effective prototypes in a batch: {prototypes:.2f})"
+    else:
+        return None
+    return (f"Collapse: {what}, and only the other losses train the backbone (seen on small datasets and small "
+            "batches: dinov2 #143, #407). Larger batches, fewer prototypes (dino.head_n_prototypes), a sharper "
+            "teacher (teacher.teacher_temp) or the other centring (train.centering) are what to try.")
+
+
 def clip_gradients(model: SSLMetaArch, max_norm: float) -> None:
     """Clip each student submodule's gradient norm (over all shards for FSDP modules)."""
     for module in model.student.values():
@@ -350,6 +367,8 @@ def do_train(cfg: DictConfig, model: SSLMetaArch, resume: bool = False) -> Dict[
         metric_logger.add_meter(key, SmoothedValue(window_size=1, fmt="{value:.4f}"))
     monitor = LossMonitor(model.device)
     log_period = cfg.train.log_period
+    collapse_checked_from = cfg.teacher.warmup_teacher_temp_epochs * epoch_len  # once the teacher is at temperature
+    collapse_reported = False
     last_metrics: Dict[str, float] = {}
     start_time = time.monotonic()
 
@@ -381,6 +400,10 @@ def do_train(cfg: DictConfig, model: SSLMetaArch, resume: bool = False) -> Dict[
                 metric_logger.update(lr=lr, wd=wd, mom=mom, last_layer_lr=last_layer_lr)
                 metric_logger.update(current_batch_size=current_batch_size, **last_metrics)
                 metric_logger.update(eta_seconds=seconds_per_iter * (max_iter - iteration - 1))
+                warning = collapse_warning(last_metrics, cfg.dino.head_n_prototypes)
+                if warning and iteration >= collapse_checked_from and not collapse_reported:
+                    logger.warning(f"Iteration {iteration}: {warning}")  # once per run
+                    collapse_reported = True
 
         if eval_period > 0 and (iteration + 1) % eval_period == 0 and iteration != max_iter - 1:
             do_test(cfg, model, f"training_{iteration}")

@@ -8,7 +8,7 @@ from train_helpers import manual_losses, random_batch, tiny_cfg
 from dinov2.configs import ConfigError
 from dinov2.loss.kernels import centered_softmax, lossfunc
 from dinov2.models import build_model_from_cfg
-from dinov2.train.ssl_meta_arch import LOSS_KEYS, SSLMetaArch
+from dinov2.train.ssl_meta_arch import LOSS_KEYS, TARGET_KEYS, SSLMetaArch
 from dinov2.train.train import teacher_state_dict
 from dinov2.utils.utils import PretrainedWeightsError
 
@@ -40,9 +40,10 @@ def test_forward_backward_matches_manual_recomputation(overrides):
     model.zero_grad(set_to_none=True)
     loss_dict = model.forward_backward(batch, teacher_temp=0.05)
 
-    assert sorted(loss_dict) == sorted(LOSS_KEYS + ("total_loss",))
-    for key in LOSS_KEYS:
-        torch.testing.assert_close(loss_dict[key], expected[key].detach(), rtol=1e-5, atol=1e-6, msg=key)
+    assert sorted(loss_dict) == sorted(LOSS_KEYS + TARGET_KEYS + ("total_loss",))
+    for key in LOSS_KEYS + TARGET_KEYS:
+        torch.testing.assert_close(loss_dict[key].double(), expected[key].detach().double(), rtol=1e-5, atol=1e-6,
+                                   msg=key)
     torch.testing.assert_close(loss_dict["total_loss"], expected_total.detach(), rtol=1e-5, atol=1e-6)
     # backward ran into the student only
     assert all(p.grad is not None for p in model.student.backbone.blocks.parameters())

@@ -157,6 +157,28 @@ def test_max_to_keep_and_no_resume(tmp_path, sample_root):
     assert [m["iteration"] for m in read_metrics(out)] == list(range(8))  # started over
 
 
+def test_collapse_warning_names_the_kind_of_collapse():
+    uniform = train_module.collapse_warning({"dino_target_entropy": 0.995, "dino_target_prototypes": 256.0}, 256)
+    assert uniform.startswith("Collapse: the DINO targets are almost uniform (entropy 0.9950 of ln 256)")
+    one = train_module.collapse_warning({"dino_target_entropy": 0.01, "dino_target_prototypes": 1.2}, 256)
+    assert one.startswith("Collapse: every image goes to the same DINO prototype (effective prototypes in a batch: "
+                          "1.20)")
+    assert train_module.collapse_warning({"dino_target_entropy": 0.6, "dino_target_prototypes": 40.0}, 256) is None
+
+
+def test_uniform_targets_are_reported_once_after_the_temperature_warmup(tmp_path, sample_root):
+    """A random ViT-Ti with layer scales of 1e-5 gives every image the same class token, so its Sinkhorn targets are
+    uniform: logged (entropy 1, all 64 prototypes) and warned about once, at the first log after the teacher's
+    temperature warm-up (4 iterations)."""
+    out = str(tmp_path / "run")
+    run_training(out, tiny_opts(sample_root, train__centering="sinkhorn_knopp"))
+    metrics = read_metrics(out)
+    assert all(m["dino_target_entropy"] == pytest.approx(1.0, abs=1e-4) for m in metrics)
+    assert all(m["dino_target_prototypes"] == pytest.approx(64.0, rel=1e-3) for m in metrics)
+    log = open(os.path.join(out, "logs", "log.txt")).read()
+    assert log.count("Collapse:") == 1 and "Iteration 4: Collapse: the DINO targets are almost uniform" in log
+
+
 def test_non_finite_loss_stops_the_run(tmp_path, sample_root, monkeypatch):
     original = KoLeoLoss.forward
     calls = {"n": 0}

@@ -1,6 +1,7 @@
 """Shared helpers of the training tests: a tiny CPU configuration on the sample BBU data, in-process runs."""
 
 import json
+import math
 import os
 import random
 import subprocess
@@ -210,7 +211,10 @@ def manual_losses(model, cfg, batch, teacher_temp: float, teacher=None, teacher_
     owner = masks.nonzero()[:, 0]  # global crop of every masked token, in the same (row-major) order
     per_crop = [token_ce[owner == i].mean() if (owner == i).any() else token_ce.new_zeros(()) for i in range(2 * b)]
     ibot = torch.stack(per_crop).mean()
+    marginal = t_cls.double().mean(dim=0)
     losses = {
+        "dino_target_entropy": (-(t_cls.double() * t_cls.double().log()).sum(-1).mean() / math.log(t_cls.shape[-1])),
+        "dino_target_prototypes": torch.exp(-(marginal * marginal.log()).sum()),
         "dino_local_crops_loss": dino_local / n_terms,
         "dino_global_crops_loss": dino_global / n_terms,
         "koleo_loss": cfg.dino.koleo_loss_weight * koleo / 2,
