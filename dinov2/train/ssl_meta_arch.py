@@ -296,7 +296,8 @@ class SSLMetaArch(nn.Module):
         n_local_terms = max(n_local_crops * N_GLOBAL_CROPS, 1)
         n_global_terms = (N_GLOBAL_CROPS - 1) * N_GLOBAL_CROPS
         n_terms = n_local_terms + n_global_terms
-        for low_precision in self._copies["teacher"] + self._copies["student"]:
+        running_teacher = [] if self.distilling else self._copies["teacher"]  # a distilled EMA teacher only saves
+        for low_precision in running_teacher + self._copies["student"]:
             low_precision.refresh()  # after the last optimizer step, EMA update or checkpoint load
 
         with torch.no_grad():
