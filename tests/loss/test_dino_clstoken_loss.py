@@ -1,6 +1,7 @@
 import math
 
 import torch
+from references import sinkhorn_reference
 
 from dinov2.loss import DINOLoss
 
@@ -53,22 +54,12 @@ def test_state_dict_includes_a_pending_center_update():
     torch.testing.assert_close(loss.state_dict()["center"], 0.1 * t.mean(0, keepdim=True))
 
 
-def _sinkhorn_reference(t, temp, n_iterations):
-    Q = torch.exp(t.double() / temp).t()
-    K, B = Q.shape
-    Q = Q / Q.sum()
-    for _ in range(n_iterations):
-        Q = Q / Q.sum(dim=1, keepdim=True) / K
-        Q = Q / Q.sum(dim=0, keepdim=True) / B
-    return (Q * B).t()
-
-
 def test_sinkhorn_knopp_teacher_matches_reference_and_normalises():
     g = torch.Generator().manual_seed(2)
     t = torch.randn(8, 5, generator=g)
     out = DINOLoss(5).sinkhorn_knopp_teacher(t, teacher_temp=0.5, n_iterations=3)
     assert out.dtype == torch.float32
-    torch.testing.assert_close(out.double(), _sinkhorn_reference(t, 0.5, 3), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(out.double(), sinkhorn_reference(t, 0.5, 3), rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(out.sum(dim=1), torch.ones(8))  # each sample a distribution
     # prototypes almost equipartitioned after enough iterations: column sums -> B / K
     out_many = DINOLoss(5).sinkhorn_knopp_teacher(t, teacher_temp=0.5, n_iterations=50)

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
+from references import sinkhorn_reference
 
 import dinov2.distributed as distributed
 from dinov2.configs import load_and_merge_config, merge_configs
@@ -153,16 +154,6 @@ def _ce(targets: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
     return -(targets * F.log_softmax(student_logits / STUDENT_TEMP, dim=-1)).sum(-1)
 
 
-def _sinkhorn(logits: torch.Tensor, temp: float, n_iterations: int = 3) -> torch.Tensor:
-    q = torch.exp(logits.float() / temp).t()
-    k, b = q.shape
-    q = q / q.sum()
-    for _ in range(n_iterations):
-        q = q / q.sum(dim=1, keepdim=True) / k
-        q = q / q.sum(dim=0, keepdim=True) / b
-    return (q * b).t()
-
-
 def _koleo(x: torch.Tensor) -> torch.Tensor:
     x = F.normalize(x, dim=-1)
     sims = x @ x.t()
@@ -191,7 +182,7 @@ def manual_losses(model, cfg, batch, teacher_temp: float, teacher=None, teacher_
         t_cls = teacher["dino_head"](t_out["x_norm_clstoken"])
         t_masked = teacher[teacher_patch_head](t_out["x_norm_patchtokens"][masks])
         if sinkhorn:
-            t_cls, t_masked = _sinkhorn(t_cls, teacher_temp), _sinkhorn(t_masked, teacher_temp)
+            t_cls, t_masked = (sinkhorn_reference(t, teacher_temp, dtype=torch.float32) for t in (t_cls, t_masked))
         else:  # fresh centres are zero
             t_cls, t_masked = F.softmax(t_cls / teacher_temp, -1), F.softmax(t_masked / teacher_temp, -1)
     s_global = model.student.backbone(global_crops, masks=student_masks, is_training=True)
