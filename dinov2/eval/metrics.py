@@ -212,13 +212,21 @@ def multiclass_metrics(labels: np.ndarray, probs: np.ndarray, class_names: Seque
             "average_precision": float(average_precision_score(is_c, probs[:, c])) if both else None,
             "n_samples": int(is_c.sum()),
         }
-    macro = {}
-    for key in ("precision", "recall", "f1", "auroc", "average_precision"):
-        values = [m[key] for m in per_class.values() if m[key] is not None and m["n_samples"] > 0]
+    # Macro precision/recall/F1 as scikit-learn's: over the classes that occur in the labels or the predictions, an
+    # undefined ratio counting 0 (a class never predicted has precision 0, not "left out"). Balanced accuracy is the
+    # mean recall over the classes that occur in the labels; AUROC/AP over the classes where they are defined.
+    seen = [m for c, m in enumerate(per_class.values()) if m["n_samples"] > 0 or (pred == c).any()]
+    macro: Dict[str, Optional[float]] = {
+        key: float(np.mean([m[key] or 0.0 for m in seen])) if seen else None
+        for key in ("precision", "recall", "f1")
+    }
+    for key in ("auroc", "average_precision"):
+        values = [m[key] for m in per_class.values() if m[key] is not None]
         macro[key] = float(np.mean(values)) if values else None
+    recalls = [m["recall"] for m in per_class.values() if m["n_samples"] > 0]
     return {
         "accuracy": _ratio(int(np.trace(cm)), len(labels)),
-        "balanced_accuracy": macro["recall"],
+        "balanced_accuracy": float(np.mean(recalls)) if recalls else None,
         "confusion_matrix": cm.tolist(),
         "per_class": per_class,
         "macro": macro,

@@ -134,6 +134,24 @@ def test_multiclass_metrics_match_sklearn():
     assert r3["image"]["auroc"] == pytest.approx(skm.roc_auc_score(labels != 0, 1 - probs[:, 0]))
 
 
+@pytest.mark.parametrize(
+    "labels, pred",
+    [
+        ([0, 0, 0, 0, 1, 2], [0, 0, 0, 0, 0, 0]),  # defect classes never predicted: precision 0, not left out
+        ([0, 0, 1, 1, 0, 1], [0, 2, 1, 1, 2, 0]),  # class 2 predicted but absent from the labels
+        ([2, 2, 2, 1], [2, 2, 1, 1]),  # class 0 neither in the labels nor predicted
+    ],
+)
+def test_multiclass_macro_metrics_count_undefined_classes_as_sklearn(labels, pred):
+    labels = np.array(labels)
+    probs = np.full((len(labels), 3), 0.1)
+    probs[np.arange(len(labels)), pred] = 0.8
+    m = multiclass_metrics(labels, probs, ["ok", "scratch", "dent"])
+    p, r, f, _ = skm.precision_recall_fscore_support(labels, pred, average="macro", zero_division=0)
+    assert (m["macro"]["precision"], m["macro"]["recall"], m["macro"]["f1"]) == pytest.approx((p, r, f))
+    assert m["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(labels, pred))
+
+
 def test_positive_scores():
     assert positive_scores(np.array([[0.7, 0.3], [0.2, 0.8]])) == pytest.approx([0.3, 0.8])
     assert positive_scores(np.array([[0.5, 0.2, 0.3]])) == pytest.approx([0.5])
