@@ -1,8 +1,10 @@
 """Pre-norm transformer block with LayerScale and stochastic depth (keys `norm1, attn, ls1, norm2, mlp, ls2`).
 
-Stochastic depth in training follows upstream DINOv2: for a drop rate above 0.1 the residual branch is computed
-only for a random subset of the batch and added back scaled by batch/subset (saves compute in proportion to the
-rate); for rates in (0, 0.1] per-sample DropPath is used; in eval mode the residuals are added unchanged.
+Stochastic depth in training follows upstream DINOv2: the residual branch is computed only for a random subset of
+`max(int(batch * (1 - rate)), 1)` samples and added back scaled by batch/subset (saves compute in proportion to the
+rate). Upstream does so for a list of crop sets (multi-crop training) at any rate above 0, and for a single tensor at
+rates above 0.1; a single tensor at a rate in (0, 0.1] gets per-sample DropPath. In eval mode the residuals are
+added unchanged.
 
 `NestedTensorBlock` also takes a list of (B_i, N_i, D) tensors (multi-crop: global and local crops): norms, linear
 layers and the FFN run once on all tokens concatenated, attention runs per crop set.
@@ -140,12 +142,9 @@ class NestedTensorBlock(Block):
 
     def forward_nested(self, x_list: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """The block applied to each crop set, sharing the norm/linear/FFN calls across crop sets."""
-        if self.training and self.sample_drop_ratio > 0.1:
+        if self.training and self.sample_drop_ratio > 0.0:
             x_list = drop_add_residual_stochastic_depth_list(x_list, self.attn_residual_list, self.sample_drop_ratio)
             return drop_add_residual_stochastic_depth_list(x_list, self.ffn_residual_list, self.sample_drop_ratio)
-        if self.training and self.sample_drop_ratio > 0.0:
-            x_list = [x + self.drop_path1(r) for x, r in zip(x_list, self.attn_residual_list(x_list))]
-            return [x + self.drop_path2(r) for x, r in zip(x_list, self.ffn_residual_list(x_list))]
         x_list = [x + r for x, r in zip(x_list, self.attn_residual_list(x_list))]
         return [x + r for x, r in zip(x_list, self.ffn_residual_list(x_list))]
 

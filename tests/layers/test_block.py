@@ -1,3 +1,4 @@
+import pytest
 import torch
 from torch import nn
 
@@ -118,7 +119,27 @@ def test_small_drop_rate_uses_drop_path1_for_attention_and_drop_path2_for_ffn():
     x = torch.randn(3, 4, 32)
     expected = x + block.ls1(block.attn(block.norm1(x)))
     torch.testing.assert_close(block(x), expected)
-    torch.testing.assert_close(block([x])[0], expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rate", [0.05, 0.1])
+def test_small_drop_rate_on_crop_lists_keeps_an_exact_subset_as_upstream(rate):
+    """Upstream's multi-crop path uses subset stochastic depth at any rate above 0: exactly max(int(B(1-r)), 1)
+    samples of each crop set get each residual, scaled by B/subset; DropPath's per-sample draws would vary."""
+    block = make_block(drop_path=rate).train()
+    block.ls1.gamma.data.fill_(1.0)
+    block.mlp.fc2.weight.data.zero_()
+    block.mlp.fc2.bias.data.zero_()  # the FFN residual is 0: the output shows the attention residual alone
+    xs = [torch.randn(20, 5, 32), torch.randn(7, 3, 32)]
+    full = [x + block.attn(block.norm1(x)) for x in xs]
+    for seed in range(5):
+        torch.manual_seed(seed)
+        outs = block(xs)
+        for x, out, ref in zip(xs, outs, full):
+            batch = x.shape[0]
+            kept = max(int(batch * (1 - rate)), 1)
+            changed = (out - x).abs().amax(dim=(1, 2)) > 0
+            assert int(changed.sum()) == kept
+            torch.testing.assert_close(out[changed], x[changed] + (ref - x)[changed] * batch / kept)
 
 
 def test_layerscale():
