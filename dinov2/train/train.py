@@ -39,7 +39,7 @@ from dinov2.train import ssl_meta_arch
 from dinov2.train.ssl_meta_arch import LOSS_KEYS, TARGET_KEYS, SSLMetaArch
 from dinov2.utils.config import setup
 from dinov2.utils.dtype import as_torch_dtype
-from dinov2.utils.utils import CosineScheduler, atomic_write, convert_chunked_to_flat
+from dinov2.utils.utils import CosineScheduler, atomic_write
 
 torch.backends.cuda.matmul.allow_tf32 = True  # PyTorch 1.12 sets this to False by default
 logger = logging.getLogger("dinov2")
@@ -133,14 +133,16 @@ def apply_optim_scheduler(optimizer: torch.optim.Optimizer, lr: float, wd: float
 
 
 def teacher_state_dict(model: SSLMetaArch) -> Dict[str, torch.Tensor]:
-    """The full (gathered) teacher state dict with flat block keys (for CUDA models on CPU on rank 0 and empty
-    elsewhere, see `full_state_dict_options`).
+    """The full (gathered) teacher state dict (for CUDA models on CPU on rank 0 and empty elsewhere, see
+    `full_state_dict_options`), in the model's own block layout as upstream writes it: `blocks.<chunk>.<i>.` keys
+    with `student.block_chunks` > 0, so upstream's evaluation code, which builds the backbone from the run's config
+    and loads non-strictly, finds every block. This codebase's loaders take both layouts.
 
     A collective under FSDP: call it on every rank."""
     state: Dict[str, torch.Tensor] = {}
     for name, module in model.teacher.items():
         options = full_state_dict_options(module)
-        for k, v in convert_chunked_to_flat(get_model_state_dict(module, options=options)).items():
+        for k, v in get_model_state_dict(module, options=options).items():
             state[f"{name}.{k}"] = v
     return state
 
@@ -212,6 +214,12 @@ def build_data_loader(cfg: DictConfig, start_iter: int, inputs_dtype: torch.dtyp
         raise ValueError(
             f"crops.gpu_augmentation needs a dataset of encoded image files; {cfg.train.dataset_path!r} gives a "
             f"{type(dataset).__name__}"
+        )
+    if cfg.crops.gpu_augmentation and dataset.skip_bad_images:
+        logger.warning(
+            "skip_bad_images with crops.gpu_augmentation: the loader workers read only each JPEG's header, so a JPEG "
+            "broken past its header is found when the training process decodes it, where it stops the run naming "
+            "the file instead of being replaced; `python -m dinov2.data.check` without --no-decode finds them first"
         )
     data_loader = make_data_loader(
         dataset=dataset,
@@ -299,9 +307,13 @@ def clip_gradients(model: SSLMetaArch, max_norm: float) -> None:
 
 
 def optimizer_step(model: SSLMetaArch, optimizer: torch.optim.Optimizer, clip_grad: float) -> None:
-    """Gradient clipping (on unscaled gradients) and the optimizer step, through the grad scaler if there is one."""
+    """Gradient clipping (on unscaled gradients) and the optimizer step, through the grad scaler if there is one.
+
+    The scaler always unscales here, clipping or not: `ShardedGradScaler.unscale_` is where the found-inf flags are
+    summed over the ranks, and `step` on a fused optimizer would otherwise set them per rank, so one rank's overflow
+    would let the other ranks step and their loss scales drift apart."""
     scaler = model.fp16_scaler
-    if scaler is not None and clip_grad:
+    if scaler is not None:
         scaler.unscale_(optimizer)
     if clip_grad:
         clip_gradients(model, clip_grad)

@@ -3,6 +3,7 @@ in the losses, the FSDP wrapper and the checkpointer give exactly what a single 
 
 import os
 import random
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -23,6 +24,7 @@ from dinov2.fsdp import (
     reshard_fsdp_model,
 )
 from dinov2.loss import DINOLoss, iBOTPatchLoss
+from dinov2.train.train import optimizer_step
 from dinov2.utils.param_groups import get_params_groups_with_decay
 
 WORLD = 2
@@ -165,6 +167,16 @@ def worker(rank, world_size, port, out_dir, one_rank_ckpt):
         finite = all(torch.isfinite(v).all() for v in after.values())
         res["fused_skips"].append((unchanged, finite, scaler.get_scale()))
 
+    # --- the training step's optimizer_step: an overflow in one rank's shard only skips the step on both ranks -----
+    res["one_shard_overflow"] = []
+    for clip_grad in (0.0, 3.0):
+        shard = nn.Parameter(torch.ones(4))  # this rank's shard; only rank 0's gradient overflows
+        adamw = torch.optim.AdamW([shard], lr=0.1, fused=True)
+        scaler = ShardedGradScaler(device="cpu", init_scale=1024.0)
+        scaler.scale((shard * (float("inf") if rank == 0 else 1.0)).sum()).backward()
+        optimizer_step(SimpleNamespace(fp16_scaler=scaler, student={}), adamw, clip_grad)
+        res["one_shard_overflow"].append((clip_grad, torch.equal(shard.detach(), torch.ones(4)), scaler.get_scale()))
+
     # --- gradient clipping of sharded units: the foreach version against FSDP's own, clipping and not clipping -----
     res["clip"] = []
     for strategy in ("FULL_SHARD", "SHARD_GRAD_OP"):
@@ -297,6 +309,14 @@ def test_fp16_overflow_skips_the_fused_step_on_every_rank(results):
     per_rank, _, _ = results
     for r in per_rank:
         assert r["fused_skips"] == [(True, True, 512.0), (True, True, 256.0), (False, True, 256.0)]
+
+
+def test_overflow_in_one_rank_shard_skips_the_step_on_every_rank_with_and_without_clipping(results):
+    """`optimizer_step` unscales through the scaler even without clipping, where the found-inf flags are summed
+    over the ranks: a fused step would otherwise check each rank's own shard, and the ranks' scales would drift."""
+    per_rank, _, _ = results
+    for r in per_rank:
+        assert r["one_shard_overflow"] == [(0.0, True, 512.0), (3.0, True, 512.0)]
 
 
 def test_foreach_clipping_of_shards_equals_fsdp_and_one_process(results):
