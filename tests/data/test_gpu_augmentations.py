@@ -445,3 +445,20 @@ def test_training_loader_rejects_datasets_without_encoded_images(monkeypatch):
     monkeypatch.setattr(train, "make_dataset", lambda **kwargs: [0, 1, 2])
     with pytest.raises(ValueError, match="crops.gpu_augmentation needs a dataset of encoded image files"):
         train.build_data_loader(cfg, 0, torch.float32)
+
+
+def test_training_loader_warns_that_skip_bad_images_covers_headers_only(bbu_sample, caplog):
+    root, _ = bbu_sample
+    import dinov2.train.train as train
+    from dinov2.configs import load_and_merge_config
+
+    cfg = load_and_merge_config("train/bbu_sample")
+    cfg.crops.gpu_augmentation, cfg.train.num_workers = True, 0
+    for skip in (False, True):
+        cfg.train.dataset_path = f"BBU:root={root}:split=TRAIN:skip_bad_images={str(skip).lower()}"
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="dinov2"):
+            train.build_data_loader(cfg, 0, torch.float32)
+        warned = [r.getMessage() for r in caplog.records if "skip_bad_images with crops.gpu_augmentation" in
+                  r.getMessage()]  # fmt: skip
+        assert len(warned) == int(skip)

@@ -23,6 +23,7 @@ from dinov2.models import vision_transformer as vits
 from dinov2.train import ssl_meta_arch
 from dinov2.train import train as train_module
 from dinov2.train.ssl_meta_arch import LOSS_KEYS
+from dinov2.utils.utils import load_pretrained_weights
 
 METRICS = ("total_loss",) + LOSS_KEYS
 
@@ -200,22 +201,31 @@ def test_non_finite_loss_stops_the_run(tmp_path, sample_root, monkeypatch):
     assert not [f for f in os.listdir(out) if f.endswith(".pth")]  # stopped at iteration 5, before any save
 
 
-def test_teacher_checkpoint_has_flat_keys_and_loads_into_hub_model(tmp_path, sample_root):
+def test_teacher_checkpoint_has_upstreams_chunked_keys_and_loads_into_chunked_and_hub_models(tmp_path, sample_root):
+    """With student.block_chunks 4 the teacher is saved as upstream saves it, `blocks.<chunk>.<i>.`, so a model built
+    from the run's config (upstream's evaluation) takes it as it is; this codebase's loader also puts it into the
+    flat hub model."""
     out = str(tmp_path / "run")
     run_training(out, tiny_opts(sample_root, student__block_chunks=4, evaluation__eval_period_iterations=4))
     for name in ("training_3", "training_7"):
         assert os.path.isfile(os.path.join(out, "eval", name, "teacher_checkpoint.pth"))
-    checkpoint = torch.load(os.path.join(out, "eval", "training_7", "teacher_checkpoint.pth"), weights_only=True)
+    path = os.path.join(out, "eval", "training_7", "teacher_checkpoint.pth")
+    checkpoint = torch.load(path, weights_only=True)
     assert list(checkpoint) == ["teacher"]
     state = checkpoint["teacher"]
-    block_ids = sorted({int(m.group(1)) for k in state if (m := re.match(r"backbone\.blocks\.(\d+)\.", k))})
-    assert block_ids == list(range(12))
-    assert not any(re.match(r"backbone\.blocks\.\d+\.\d+\.", k) for k in state)
+    chunk_and_block = sorted({(int(m.group(1)), int(m.group(2))) for k in state
+                              if (m := re.match(r"backbone\.blocks\.(\d+)\.(\d+)\.", k))})  # fmt: skip
+    assert chunk_and_block == [(i // 3, i) for i in range(12)]  # upstream's BlockChunk: global block indices
+    assert not any(re.match(r"backbone\.blocks\.\d+\.[a-z]", k) for k in state)
     assert {k.split(".")[0] for k in state} == {"backbone", "dino_head"}
 
-    hub_model = vits.vit_tiny(patch_size=16, img_size=64, init_values=1e-5, block_chunks=0)
     backbone = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
-    hub_model.load_state_dict(backbone, strict=True)
+    chunked = vits.vit_tiny(patch_size=16, img_size=64, init_values=1e-5, block_chunks=4)
+    chunked.load_state_dict(backbone, strict=True)
+    hub_model = vits.vit_tiny(patch_size=16, img_size=64, init_values=1e-5, block_chunks=0)
+    load_pretrained_weights(hub_model, path, "teacher", strict=True)
+    images = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(hub_model.eval()(images), chunked.eval()(images), rtol=0, atol=0)
 
     # --eval-only resumes the last checkpoint and saves the same teacher under eval/manual_<next iteration>
     run_training(out, tiny_opts(sample_root, student__block_chunks=4), eval_only=True)
