@@ -15,7 +15,8 @@ class TeacherCentering(nn.Module):
 
     As upstream, `update_center` starts an async all-reduce of the batch sum and the new centre is applied lazily at
     the next `softmax_center_teacher` call (or before a `state_dict()` is taken, so a checkpoint never misses a
-    pending update). Subclasses say how a batch is summed in `batch_center_sum`. Works with and without a process
+    pending update). Subclasses say how a batch is summed in `batch_center_sum` and how the all-reduced sum becomes
+    the new centre in `next_center`. Works with and without a process
     group. The row-wise maths (centred softmax, cross-entropy) runs through `self.kernels`, eager unless
     `self.kernels.compile()` was called (see `dinov2/loss/kernels.py`).
     """
@@ -34,6 +35,12 @@ class TeacherCentering(nn.Module):
     def batch_center_sum(self, teacher_output: torch.Tensor) -> torch.Tensor:
         """Sum over this rank's batch (dim 0) of what is averaged into the centre; shape of `center`."""
         return torch.sum(teacher_output, dim=0, keepdim=True)
+
+    def next_center(self, reduced: torch.Tensor) -> torch.Tensor:
+        """The centre after the update with `reduced`, the all-ranks sum of `batch_center_sum`: the EMA with the
+        mean over all ranks' batches."""
+        batch_center = reduced / (self.len_teacher_output * distributed.get_global_size())
+        return self.center * self.center_momentum + batch_center * (1 - self.center_momentum)
 
     @torch.no_grad()
     def softmax_center_teacher(self, teacher_output: torch.Tensor, teacher_temp: float) -> torch.Tensor:
@@ -57,8 +64,7 @@ class TeacherCentering(nn.Module):
             return
         if self.reduce_handle is not None:
             self.reduce_handle.wait()
-        _t = self.async_batch_center / (self.len_teacher_output * distributed.get_global_size())
-        self.center = self.center * self.center_momentum + _t * (1 - self.center_momentum)
+        self.center = self.next_center(self.async_batch_center)
         self.updated = True
         self.reduce_handle = None
         self.async_batch_center = None

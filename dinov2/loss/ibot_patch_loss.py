@@ -20,9 +20,23 @@ class iBOTPatchLoss(TeacherCentering):
         self.student_temp = student_temp
 
     def batch_center_sum(self, teacher_output: torch.Tensor) -> torch.Tensor:
-        """`teacher_output`: (B, N, K); the mean over patches, summed over images. The centre is thus averaged over
-        all ranks' images (for a flat list of n masked tokens pass `tokens[:n].unsqueeze(0)`)."""
-        return torch.sum(teacher_output.mean(1), dim=0, keepdim=True)
+        """`teacher_output`: (B, N, K); the mean over patches, summed over images (for a flat list of n masked tokens
+        pass `tokens[:n].unsqueeze(0)`), then one more element: the number of those images that have tokens.
+
+        The centre is thus averaged over all ranks' images, as upstream, except that an image without tokens (a
+        batch where nothing was masked) is left out: upstream's mean over 0 tokens turns the centre into NaN for
+        good."""
+        n_tokens = teacher_output.shape[1]
+        means = teacher_output.sum(1) / max(n_tokens, 1)
+        counted = means.new_full((1, 1), float(teacher_output.shape[0] if n_tokens else 0))
+        return torch.cat([means.sum(0, keepdim=True), counted], dim=-1)
+
+    def next_center(self, reduced: torch.Tensor) -> torch.Tensor:
+        """The EMA with the mean of the counted images; unchanged when no rank had tokens (no host synchronisation:
+        the choice is made on the device)."""
+        sums, counted = reduced[..., :-1], reduced[..., -1:]
+        updated = self.center * self.center_momentum + sums / counted.clamp(min=1) * (1 - self.center_momentum)
+        return torch.where(counted > 0, updated, self.center)
 
     @torch.no_grad()
     def sinkhorn_knopp_teacher(

@@ -121,7 +121,7 @@ class SSLMetaArch(nn.Module):
             load_pretrained_weights(student_backbone, cfg.student.pretrained_weights, strict=True)
 
         self.do_dino = cfg.dino.loss_weight > 0
-        self.do_koleo = cfg.dino.koleo_loss_weight > 0
+        self.do_koleo = self.do_dino and cfg.dino.koleo_loss_weight > 0  # upstream: KoLeo only with the DINO loss
         self.do_ibot = cfg.ibot.loss_weight > 0
         self.ibot_separate_head = bool(cfg.ibot.separate_head)
         self.centering = cfg.train.centering
@@ -153,6 +153,14 @@ class SSLMetaArch(nn.Module):
             masking = max(cfg.ibot.mask_ratio_min_max) > 0 and cfg.ibot.mask_sample_probability > 0
             if not (masking or self.distilling):
                 raise ValueError("ibot.loss_weight > 0 needs ibot.mask_ratio_min_max and mask_sample_probability > 0")
+            n_masked_crops = int(N_GLOBAL_CROPS * cfg.train.batch_size_per_gpu * cfg.ibot.mask_sample_probability)
+            if masking and not self.distilling and n_masked_crops == 0:
+                raise ConfigError(
+                    f"ibot.mask_sample_probability={cfg.ibot.mask_sample_probability} of the {N_GLOBAL_CROPS} x "
+                    f"train.batch_size_per_gpu={cfg.train.batch_size_per_gpu} global crops is less than one crop: "
+                    "no crop would ever be masked and the iBOT loss would never train; raise either, or set "
+                    "ibot.loss_weight: 0"
+                )
             self.ibot_loss_weight = cfg.ibot.loss_weight
             self.ibot_patch_loss = iBOTPatchLoss(self.ibot_out_dim)
             if self.ibot_separate_head:

@@ -55,6 +55,24 @@ def test_center_ema_over_patch_means():
     torch.testing.assert_close(out, torch.softmax((t2 - c1) / 0.1, dim=-1))
 
 
+def test_center_is_kept_through_a_batch_without_masked_tokens():
+    """No masked token in a batch (int(2B * mask_sample_probability) crops masked can be 0): the centre stays as it
+    was and finite, where upstream's mean over 0 tokens makes it NaN for the rest of the run."""
+    g = torch.Generator().manual_seed(5)
+    t1, t2 = torch.randn(7, 3, generator=g), torch.randn(4, 3, generator=g)
+    loss = iBOTPatchLoss(3, center_momentum=0.9)
+    loss.update_center(t1.unsqueeze(0))
+    loss.softmax_center_teacher(t1.unsqueeze(0), teacher_temp=0.1)
+    c1 = 0.1 * t1.mean(0).view(1, 1, 3)
+    torch.testing.assert_close(loss.center, c1)
+    loss.update_center(t1[:0].unsqueeze(0))  # nothing masked
+    assert loss.softmax_center_teacher(t1[:0].unsqueeze(0), teacher_temp=0.1).shape == (1, 0, 3)
+    assert torch.equal(loss.center, c1)
+    loss.update_center(t2.unsqueeze(0))
+    loss.apply_center_update()
+    torch.testing.assert_close(loss.center, 0.9 * c1 + 0.1 * t2.mean(0).view(1, 1, 3))
+
+
 def test_sinkhorn_without_process_group_uses_local_count_and_keeps_it():
     g = torch.Generator().manual_seed(4)
     t = torch.randn(6, 4, generator=g)

@@ -16,15 +16,16 @@ from dinov2.utils.utils import PretrainedWeightsError
 @pytest.mark.parametrize(
     "overrides",
     [
-        dict(train__centering="centering", ibot__separate_head=False),
-        dict(train__centering="sinkhorn_knopp", ibot__separate_head=True),
+        dict(train__centering="centering", ibot__separate_head=False, dino__loss_weight=0.5),
+        dict(train__centering="sinkhorn_knopp", ibot__separate_head=True, dino__loss_weight=0.5),
+        dict(train__centering="centering", ibot__separate_head=False, dino__loss_weight=0.0),
     ],
-    ids=["centering-shared-head", "sinkhorn-separate-head"],
+    ids=["centering-shared-head", "sinkhorn-separate-head", "ibot-only"],
 )
 def test_forward_backward_matches_manual_recomputation(overrides):
     torch.manual_seed(0)
     cfg = tiny_cfg(
-        student__drop_path_rate=0.0, dino__loss_weight=0.5, ibot__loss_weight=2.0, dino__koleo_loss_weight=0.3,
+        student__drop_path_rate=0.0, ibot__loss_weight=2.0, dino__koleo_loss_weight=0.3,
         ibot__mask_sample_probability=0.75, **overrides,
     )
     model = SSLMetaArch(cfg)
@@ -259,3 +260,11 @@ def test_bad_precision_dtype_names_the_key(monkeypatch):
     with pytest.raises(ValueError, match=re.escape("compute_precision.teacher.dino_head.mixed_precision.buffer_dtype="
                                                    "'fp17': Unknown dtype 'fp17'")):
         model.prepare_for_distributed_training()
+
+
+def test_ibot_without_any_masked_crop_is_a_config_error():
+    """int(2 * batch_size_per_gpu * mask_sample_probability) crops are masked: 0 would leave iBOT untrained."""
+    with pytest.raises(ConfigError, match=r"ibot\.mask_sample_probability=0\.2 .* train\.batch_size_per_gpu=2 "):
+        SSLMetaArch(tiny_cfg(train__batch_size_per_gpu=2, ibot__mask_sample_probability=0.2))
+    SSLMetaArch(tiny_cfg(train__batch_size_per_gpu=2, ibot__mask_sample_probability=0.25))  # one crop: fine
+    SSLMetaArch(tiny_cfg(train__batch_size_per_gpu=2, ibot__mask_sample_probability=0.2, ibot__loss_weight=0.0))

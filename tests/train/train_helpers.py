@@ -197,7 +197,8 @@ def manual_losses(model, cfg, batch, teacher_temp: float, teacher=None, teacher_
     dino_local = sum(
         _ce(t, s_local_cls[j * b : (j + 1) * b]).mean() for j in range(n_local) for t in teacher_crops
     )
-    koleo = sum(_koleo(s_global["x_norm_clstoken"][c * b : (c + 1) * b]) for c in range(2))
+    do_dino = cfg.dino.loss_weight > 0  # KoLeo, too, only with the DINO loss, as upstream
+    koleo = sum(_koleo(s_global["x_norm_clstoken"][c * b : (c + 1) * b]) for c in range(2)) * do_dino
     token_ce = _ce(t_masked, s_masked)
     owner = masks.nonzero()[:, 0]  # global crop of every masked token, in the same (row-major) order
     per_crop = [token_ce[owner == i].mean() if (owner == i).any() else token_ce.new_zeros(()) for i in range(2 * b)]
@@ -206,8 +207,8 @@ def manual_losses(model, cfg, batch, teacher_temp: float, teacher=None, teacher_
     losses = {
         "dino_target_entropy": (-(t_cls.double() * t_cls.double().log()).sum(-1).mean() / math.log(t_cls.shape[-1])),
         "dino_target_prototypes": torch.exp(-(marginal * marginal.log()).sum()),
-        "dino_local_crops_loss": dino_local / n_terms,
-        "dino_global_crops_loss": dino_global / n_terms,
+        "dino_local_crops_loss": dino_local / n_terms * do_dino,
+        "dino_global_crops_loss": dino_global / n_terms * do_dino,
         "koleo_loss": cfg.dino.koleo_loss_weight * koleo / 2,
         "ibot_loss": ibot / 2,
     }
