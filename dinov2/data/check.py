@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from .datasets.bbu_data import UNLABELLED, BBUDataset, load_bbu_annotations
+from .datasets.decoders import IMAGE_ERRORS
 from .loaders import _parse_dataset_str
 
 _PRINT_LIMIT = 20
@@ -40,7 +41,7 @@ def read_image(path: str, decode: bool) -> Tuple[str, Optional[Tuple[int, int]],
         with Image.open(path) as image:
             image.load()
             return "ok", image.size, ""
-    except (OSError, SyntaxError, Image.DecompressionBombError) as e:
+    except IMAGE_ERRORS as e:
         return "unreadable", None, f"unreadable image: {path}: {type(e).__name__}: {e}"
 
 

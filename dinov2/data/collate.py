@@ -48,9 +48,9 @@ def collate_data_and_cast(
     collated_global_crops = torch.stack(
         [sample[0]["global_crops"][i] for i in range(n_global_crops) for sample in samples_list]
     )
-    collated_local_crops = torch.stack(
-        [sample[0]["local_crops"][i] for i in range(n_local_crops) for sample in samples_list]
-    )
+    local_crops = [sample[0]["local_crops"][i] for i in range(n_local_crops) for sample in samples_list]
+    # crops.local_crops_number 0: an empty batch of local crops (torch.stack refuses an empty list)
+    collated_local_crops = torch.stack(local_crops) if local_crops else collated_global_crops.new_empty(0, 3, 0, 0)
     masks = collate_masks(len(collated_global_crops), mask_ratio_tuple, mask_probability, n_tokens, mask_generator)
     return {
         "collated_global_crops": collated_global_crops.to(dtype),

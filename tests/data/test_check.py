@@ -5,8 +5,9 @@ import subprocess
 import sys
 
 import pytest
+from PIL import Image, PngImagePlugin
 
-from dinov2.data.check import check_bbu, main
+from dinov2.data.check import check_bbu, main, read_image
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -145,3 +146,13 @@ def test_script_entry_point(bbu_sample):
     )
     assert result.returncode == 0, result.stderr
     assert "VAL    6" in result.stdout and "TRAIN" not in result.stdout
+
+
+def test_read_image_reports_a_png_pillow_refuses_with_value_error(tmp_path):
+    info = PngImagePlugin.PngInfo()
+    info.add_text("comment", "a" * (PngImagePlugin.MAX_TEXT_CHUNK + 1), zip=True)
+    path = str(tmp_path / "text.png")
+    Image.new("L", (4, 4)).save(path, pnginfo=info)
+    status, size, message = read_image(path, decode=True)
+    assert (status, size) == ("unreadable", None)
+    assert message.startswith(f"unreadable image: {path}: ValueError: Decompressed data too large")

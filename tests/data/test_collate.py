@@ -45,6 +45,15 @@ def test_crop_major_stacking_and_dtype():
     assert out["collated_masks"].shape == (6, N_TOKENS) and out["collated_masks"].dtype == torch.bool
 
 
+def test_no_local_crops_collate_to_an_empty_batch():
+    """crops.local_crops_number 0 (the training step supports it) on the CPU paths."""
+    random.seed(0)
+    out = collate_data_and_cast(_samples(3, n_local=0), (0.1, 0.5), 0.5, torch.half, N_TOKENS, _first_k_patches)
+    assert out["collated_global_crops"].shape == (6, 3, 8, 8)
+    loc = out["collated_local_crops"]
+    assert (loc.shape, loc.dtype) == ((0, 3, 0, 0), torch.half)
+
+
 def test_mask_counts_within_linspace_intervals():
     # 4 samples -> B = 8 global crops, probability 0.5 -> 4 masked crops with ratios from
     # linspace(0.1, 0.5, 5) = [0.1, 0.2, 0.3, 0.4, 0.5]

@@ -16,10 +16,14 @@ SIXTEEN_BIT = np.array([[0, 128, 129, 257, 32767, 32768, 65406, 65535]], dtype=n
 EIGHT_BIT = np.array([[0, 0, 1, 1, 127, 128, 254, 255]], dtype=np.uint8)  # round(v * 255 / 65535)
 
 
-def _png(pixels: np.ndarray) -> bytes:
+def _encoded(pixels: np.ndarray, fmt: str) -> bytes:
     buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, "PNG")
+    Image.fromarray(pixels).save(buffer, fmt)
     return buffer.getvalue()
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    return _encoded(pixels, "PNG")
 
 
 def _sixteen_bit_photo(seed: int = 0) -> np.ndarray:
@@ -54,6 +58,20 @@ def test_a_sixteen_bit_png_decodes_scaled():
     image = ImageDataDecoder(_png(SIXTEEN_BIT)).decode()
     assert image.mode == "RGB"
     np.testing.assert_array_equal(np.asarray(image)[..., 1], EIGHT_BIT)
+
+
+def test_a_sixteen_bit_pgm_opened_as_mode_i_decodes_scaled():
+    data = _encoded(SIXTEEN_BIT, "PPM")
+    assert Image.open(io.BytesIO(data)).mode == "I"  # Pillow reads 16-bit PGMs as 32-bit integers
+    np.testing.assert_array_equal(np.asarray(ImageDataDecoder(data).decode())[..., 0], EIGHT_BIT)
+
+
+def test_a_thirty_two_bit_integer_tiff_converts_as_pillow_does():
+    """32-bit samples are not 16-bit ones: values 0..255 stay as they are (upstream's conversion), not scaled to 0."""
+    pixels = np.array([[0, 7, 200, 255, 300]], dtype=np.int32)
+    data = _encoded(pixels, "TIFF")
+    assert Image.open(io.BytesIO(data)).mode == "I"
+    assert np.asarray(ImageDataDecoder(data).decode())[0, :, 0].tolist() == [0, 7, 200, 255, 255]
 
 
 def test_other_modes_convert_as_pillow_does():

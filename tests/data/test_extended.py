@@ -2,7 +2,7 @@ import io
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from dinov2.data.datasets import ExtendedVisionDataset, ImageDecodeError
 
@@ -81,6 +81,19 @@ def test_decompression_bomb_is_reported(monkeypatch):
     dataset = InMemory([_jpeg((0, 0, 0), size=(40, 30))])
     with pytest.raises(ImageDecodeError, match=r"sample 0: /memory/0.jpeg: DecompressionBombError"):
         dataset[0]
+
+
+def test_an_oversized_png_text_chunk_is_reported_like_a_corrupt_image():
+    """Pillow raises ValueError (not OSError) for a PNG text chunk that decompresses beyond MAX_TEXT_CHUNK."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text("comment", "a" * (PngImagePlugin.MAX_TEXT_CHUNK + 1), zip=True)
+    buffer = io.BytesIO()
+    Image.new("L", (4, 4)).save(buffer, format="PNG", pnginfo=info)
+    dataset = InMemory([buffer.getvalue()])
+    with pytest.raises(ImageDecodeError, match=r"sample 0: /memory/0.jpeg: ValueError: Decompressed data too large"):
+        dataset[0]
+    dataset = InMemory([buffer.getvalue(), _jpeg((0, 0, 0))], skip_bad_images=True)
+    assert dataset[0][1] == 10 and dataset.num_bad_images == 1
 
 
 def test_skip_bad_images_replaces_and_counts(caplog):

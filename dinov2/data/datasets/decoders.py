@@ -8,8 +8,21 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-# greyscale modes Pillow gives 16-bit images: I;16* (and I, as older Pillow releases open 16-bit PNGs)
-SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+# What Pillow raises for missing, truncated, corrupt or oversized images (FileNotFoundError and UnidentifiedImageError
+# are OSErrors; an oversized PNG text chunk is a ValueError).
+IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+def is_sixteen_bit(image: Image.Image) -> bool:
+    """Whether `image` is 16-bit greyscale: mode I;16*, or mode I (32-bit integers, which Pillow also gives 16-bit
+    PGMs and, in older releases, 16-bit PNGs) read from 16-bit samples. A mode-I image read from 32-bit samples (an
+    integer TIFF) is not; one loaded or made in memory, whose source Pillow does not tell, counts as 16-bit."""
+    if image.mode.startswith("I;16"):
+        return True
+    if image.mode != "I":
+        return False
+    rawmodes = [tile[3][0] if isinstance(tile[3], tuple) else tile[3] for tile in getattr(image, "tile", None) or ()]
+    return not rawmodes or all(isinstance(raw, str) and raw.startswith("I;16") for raw in rawmodes)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -17,12 +30,12 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
     16-bit greyscale (industrial cameras write it) is mapped linearly from 0..65535 onto 0..255; Pillow's own
     conversion clips it at 255 instead, which turns all but the darkest pixels white. Other modes convert as in
-    upstream (`Image.convert("RGB")`).
+    upstream (`Image.convert("RGB")`), 32-bit integer images included.
     """
     if image.mode == "RGB":
         image.load()
         return image
-    if image.mode in SIXTEEN_BIT_MODES:
+    if is_sixteen_bit(image):
         pixels = np.clip(np.asarray(image, dtype=np.int64), 0, 65535)
         eight_bit = ((pixels * 255 + 32767) // 65535).astype(np.uint8)
         return Image.fromarray(eight_bit, mode="L").convert("RGB")

@@ -8,16 +8,12 @@ from enum import Enum
 from typing import Any, List, Tuple, Type, TypeVar, Union
 
 import numpy as np
-from PIL import Image
 from torchvision.datasets import VisionDataset
 
-from .decoders import EncodedImage, ImageDataDecoder, TargetDecoder, to_rgb
+from .decoders import IMAGE_ERRORS, EncodedImage, ImageDataDecoder, TargetDecoder, to_rgb
 
 logger = logging.getLogger("dinov2")
 
-# What PIL raises for missing, truncated, corrupt or oversized images (FileNotFoundError and
-# UnidentifiedImageError are OSErrors).
-_IMAGE_ERRORS = (OSError, SyntaxError, Image.DecompressionBombError)
 
 _S = TypeVar("_S", bound="SplitEnum")
 
@@ -92,7 +88,7 @@ class ExtendedVisionDataset(VisionDataset, metaclass=ABCMeta):
             target = TargetDecoder(self.get_target(index)).decode()
             if self.transforms is not None:
                 image, target = self.transforms(image, target)
-        except _IMAGE_ERRORS as e:
+        except IMAGE_ERRORS as e:
             raise ImageDecodeError(
                 f"can not read image for sample {index}: {self.get_image_path(index)}: {type(e).__name__}: {e}"
             ) from e
