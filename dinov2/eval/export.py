@@ -274,7 +274,7 @@ def run_export(args: argparse.Namespace) -> Dict[str, object]:
     args.eval_transform = saved.source["eval_transform"]
     config = get_cfg_from_args(args)
     backbone = build_model_for_eval(config, args.pretrained_weights).cpu().float()
-    check_backbone(saved, backbone_fingerprint(backbone), args.pretrained_weights)
+    check_backbone(saved, backbone_fingerprint(backbone), args.pretrained_weights, config.student)
     crop_size = int(args.eval_transform["crop_size"])
     bake_pos_embed(backbone, crop_size)
     module = ExportedProbe(backbone, saved).eval()

@@ -168,7 +168,9 @@ class LinearProbeHead(nn.Module):
 
     def forward(self, cls: torch.Tensor, patch_mean: torch.Tensor) -> torch.Tensor:
         x = linear_input(cls, patch_mean, self.classifier.use_n_blocks, self.classifier.use_avgpool)
-        return torch.softmax(self.classifier(x), dim=1).double()
+        # float64 before the softmax: the positive score 1 - p(class 0) of a confident negative is then resolved
+        # down to ~1e-16 (float32 rounds it to 0 below ~3e-8, which ties the most confident negatives)
+        return torch.softmax(self.classifier(x).double(), dim=1)
 
 
 @torch.no_grad()

@@ -148,7 +148,7 @@ def run_predict(args: argparse.Namespace) -> Optional[Dict[str, object]]:
     args.threshold_policy = saved.thresholds["policy"]
     args.group_aggregation = saved.thresholds["group_aggregation"]
     store = setup_feature_store(args, stat_images=True)  # re-shot images under old names are extracted again
-    check_backbone(saved, store.source["backbone_sha256"], args.pretrained_weights)
+    check_backbone(saved, store.source["backbone_sha256"], args.pretrained_weights, store.source["model"])
     splits = [store.get(dataset_str) for dataset_str in dict.fromkeys(args.dataset_strs)]  # each dataset once
     return run_on_main_process(write_all_predictions, args, saved, splits)
 

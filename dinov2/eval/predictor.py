@@ -126,7 +126,7 @@ class Predictor(PhotoScorer):
                          None if self.ood is None else float(self.ood.threshold))
         config = get_cfg_from_args(argparse.Namespace(config_file=config_file, opts=list(opts)))
         model = build_model_for_eval(config, pretrained_weights)
-        check_backbone(self.saved, backbone_fingerprint(model), pretrained_weights)
+        check_backbone(self.saved, backbone_fingerprint(model), pretrained_weights, config.student)
         self.device = next(model.parameters()).device
         autocast_dtype = get_autocast_dtype(config) if self.device.type == "cuda" else torch.float32
         self.n_blocks = self.saved.head.n_blocks

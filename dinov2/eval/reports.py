@@ -198,8 +198,11 @@ def write_predictions(
 
 
 def unique_tag(tag: str, used: set) -> str:
-    """`tag`, or `tag_<n>` when another dataset of the same run already writes files under it; records it in `used`."""
-    unique = tag if tag not in used else f"{tag}_{len(used)}"
+    """`tag`, or `tag_<n>` (the smallest n >= 2 not yet taken) when another dataset of the same run already writes
+    files under it; records it in `used`."""
+    unique, n = tag, 2
+    while unique in used:
+        unique, n = f"{tag}_{n}", n + 1
     used.add(unique)
     return unique
 

@@ -2,8 +2,9 @@
 
 The k-NN probe's `knn_classifier.pth` (training features, k, temperature), the linear probe's `linear_classifier.pth`
 and the log-reg probe's `log_regression_classifier.json` each hold the thresholds and the source of their training
-features (dinov2/eval/features.py): the backbone's state-dict fingerprint and the eval transform. `check_backbone`
-refuses a backbone other than the classifier's: its scores would mean nothing.
+features (dinov2/eval/features.py): the backbone's state-dict fingerprint, its config and the eval transform.
+`check_backbone` refuses a backbone other than the classifier's, or one configured to compute other features from the
+same weights: its scores would mean nothing.
 """
 
 import dataclasses
@@ -11,7 +12,7 @@ import functools
 import json
 import os
 import pickle
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 import numpy as np
 import torch
@@ -23,6 +24,9 @@ from dinov2.eval.ood import OodHead
 
 _LOG_REGRESSION_KEYS = ("coef", "intercept", "classes", "class_names", "thresholds")
 SCORE_CHUNK = 1024  # images scored at once: bounds the k-NN similarity matrix
+# config.student keys that change the features without changing the state dict (how the position embedding is
+# interpolated to another grid); the state-dict fingerprint covers the others (arch, patch size, registers, ...)
+FEATURE_CONFIG_KEYS = ("interpolate_offset", "interpolate_antialias")
 
 
 @dataclasses.dataclass
@@ -116,8 +120,9 @@ def load_probe_classifier(path: str) -> SavedProbe:
     return _load_log_regression(path) if path.endswith(".json") else _load_torch_classifier(path)
 
 
-def check_backbone(saved: SavedProbe, fingerprint: str, pretrained_weights: str) -> None:
-    """Raise naming both weights when the backbone with state-dict SHA-256 `fingerprint` is not the classifier's."""
+def check_backbone(saved: SavedProbe, fingerprint: str, pretrained_weights: str, student: Mapping[str, Any]) -> None:
+    """Raise naming both weights when the backbone with state-dict SHA-256 `fingerprint` is not the classifier's, and
+    naming the key when its config `student` (config.student) computes other features (`FEATURE_CONFIG_KEYS`)."""
     source = saved.source
     if fingerprint != source["backbone_sha256"]:
         raise ValueError(
@@ -125,3 +130,11 @@ def check_backbone(saved: SavedProbe, fingerprint: str, pretrained_weights: str)
             f"classifier {saved.path} was trained on ({source['pretrained_weights']}, SHA-256 "
             f"{source['backbone_sha256']})"
         )
+    trained = source.get("model", {})
+    for key in FEATURE_CONFIG_KEYS:
+        if key in trained and student.get(key) != trained[key]:
+            raise ValueError(
+                f"student.{key} is {student.get(key)!r} in this config but was {trained[key]!r} for the features the "
+                f"classifier {saved.path} was trained on: the position embedding would be interpolated otherwise and "
+                f"the features would differ; use the probe's config (or --opts student.{key}={trained[key]})"
+            )

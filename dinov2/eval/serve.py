@@ -229,7 +229,12 @@ class _Handler(BaseHTTPRequestHandler):
         if self.path != "/score":
             self._error(HTTPStatus.NOT_FOUND, f"no such endpoint: POST {self.path} (POST /score)")
             return
-        length = int(self.headers.get("Content-Length") or 0)
+        header = self.headers.get("Content-Length") or "0"
+        if not header.strip().isdigit():  # not a count of bytes (negative, or not a number): the body is not read
+            self.close_connection = True
+            self._error(HTTPStatus.BAD_REQUEST, f"Content-Length must be a number of bytes, got {header!r}")
+            return
+        length = int(header)
         if length > self.service.max_request_bytes:
             self.close_connection = True  # the body is not read
             self._error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,

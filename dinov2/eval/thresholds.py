@@ -79,8 +79,8 @@ def choose_thresholds(
     binary = (np.asarray(labels) != 0).astype(np.int64)
     scores = positive_scores(probs) if len(binary) else np.zeros(0)
     image = select_threshold(binary, scores, policy)
-    if aggregation == "vote":
-        group = ThresholdChoice(VOTE_THRESHOLD, False)
+    if aggregation == "vote":  # a majority of the images positive at the image threshold: its fallback is the group's
+        group = ThresholdChoice(VOTE_THRESHOLD, image.fallback, image.reason)
     else:
         _, g_labels, g_scores, _ = aggregate_groups(group_ids, binary, scores, aggregation, image.threshold)
         group = select_threshold(g_labels, g_scores, policy)

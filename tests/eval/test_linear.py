@@ -45,6 +45,22 @@ def test_classifier_head_reads_upstreams_linear_input(n_blocks, avgpool):
         predict(linear.LinearClassifier(20, 4, False, 2), one_block)
 
 
+def test_confident_negatives_keep_distinct_positive_scores():
+    """The score 1 - p(negative) of logit gaps of 17 to 30 is exp(-gap) / (1 + exp(-gap)), 4e-8 down to 9e-14: a
+    float32 softmax rounds all of them to 0 (ties that move AUROC/AP), the float64 one resolves them."""
+    gaps = torch.tensor([12.0, 17.0, 18.0, 20.0, 25.0, 30.0])
+    classifier = linear.LinearClassifier(1, 1, False, 2)
+    with torch.no_grad():
+        classifier.linear.weight.copy_(torch.tensor([[1.0], [0.0]]))
+        classifier.linear.bias.zero_()
+    features = FeatureSet("d", gaps.view(-1, 1, 1), torch.zeros(6, 1), np.zeros(6, dtype=np.int64), list("abcdef"),
+                          list("abcdef"), ["negative", "positive"])  # fmt: skip
+    scores = 1.0 - predict(classifier, features)[:, 0]
+    exact = np.exp(-gaps.double().numpy()) / (1 + np.exp(-gaps.double().numpy()))
+    np.testing.assert_allclose(scores, exact, rtol=0, atol=2e-16)  # 1 - p: float64 rounding of p, ~1e-16
+    assert (np.diff(scores) < 0).all()
+
+
 def test_grid_trains_deterministically_on_cached_features():
     train = toy_features()
     classifiers, grid = train_linear_grid(train, [0.01, 5.0], epochs=2, epoch_length=15, batch_size=8, seed=3)

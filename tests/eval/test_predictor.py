@@ -50,6 +50,12 @@ def test_bad_calls_and_another_backbone_are_refused(tmp_path, teacher_run, sampl
     classifier = str(teacher_dir / "linear_classifier.pth")
     with pytest.raises(ValueError, match="--pretrained-weights random .* is not the backbone the classifier"):
         Predictor(str(eval_config), "random", classifier)
+    # the same weights, but another interpolation of the position embedding: other features, refused by key
+    for opt, message in [("student.interpolate_offset=0.0", "student.interpolate_offset is 0.0 in this config but "
+                                                            "was 0.1"),
+                         ("student.interpolate_antialias=true", "student.interpolate_antialias is True")]:
+        with pytest.raises(ValueError, match=message):
+            Predictor(str(eval_config), str(teacher_checkpoint), classifier, opts=[opt])
     predictor = Predictor(str(eval_config), str(teacher_checkpoint), classifier)
     photo = str(next((sample_root / "test").glob("*/*.jpeg")))
     decision = predictor.score([photo])

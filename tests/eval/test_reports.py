@@ -20,6 +20,8 @@ def test_unique_tag_numbers_repeats():
     used = set()
     assert [unique_tag(t, used) for t in ("test", "val", "test", "test")] == ["test", "val", "test_2", "test_3"]
     assert used == {"test", "val", "test_2", "test_3"}
+    used = set()  # a tag that looks numbered already (e.g. annotations/test_2.json) is not handed out twice
+    assert [unique_tag(t, used) for t in ("test", "test_2", "test", "test")] == ["test", "test_2", "test_3", "test_4"]
 
 
 def test_group_table_marks_groups_with_unlabelled_images():

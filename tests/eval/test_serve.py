@@ -1,6 +1,7 @@
 """dinov2.eval.serve: the HTTP scoring service answers as the predictor, names bad requests and goes on."""
 
 import base64
+import http.client
 import json
 import re
 import threading
@@ -124,10 +125,20 @@ def test_bad_requests_are_named_and_the_service_goes_on(tmp_path, running, teach
     for path, payload, raw, status, message in cases:
         got_status, answer = call(base, path, payload, raw)
         assert got_status == status and re.search(message, answer["error"]), (path, payload, raw, answer)
+    bad_lengths = ["-1", "12abc"]  # answered at once: a negative length would otherwise block the handler's read
+    for length in bad_lengths:
+        connection = http.client.HTTPConnection(base[len("http://"):], timeout=60)
+        connection.putrequest("POST", "/score")
+        connection.putheader("Content-Length", length)
+        connection.endheaders(b"{}")
+        response = connection.getresponse()
+        answer = json.loads(response.read())
+        connection.close()
+        assert (response.status, answer["error"]) == (400, f"Content-Length must be a number of bytes, got '{length}'")
     status, answer = call(base, "/score", {"images": [{"path": photo}]})
     assert status == 200 and len(answer["images"]) == 1
     status, stats = call(base, "/stats")
-    assert (stats["requests"], stats["images"], stats["errors"]) == (1, 1, len(cases))
+    assert (stats["requests"], stats["images"], stats["errors"]) == (1, 1, len(cases) + len(bad_lengths))
 
 
 def test_onnx_model_served_from_the_command_line_options(tmp_path, running, teacher_run, sample_root, eval_config,

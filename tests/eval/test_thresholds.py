@@ -63,3 +63,7 @@ def test_choose_thresholds_image_and_group():
     assert vote["group"] == {"threshold": 0.5, "fallback": False, "reason": None}
     none = choose_thresholds(probs, np.zeros(6, dtype=int), groups, "f1", "max")
     assert none["threshold_fallback"] and none["image"]["fallback"] and none["group"]["fallback"]
+    # a vote counts images positive at the image threshold: when that is the fallback, so is the group decision
+    vote_none = choose_thresholds(probs, np.zeros(6, dtype=int), groups, "f1", "vote")
+    assert vote_none["group"] == {"threshold": 0.5, "fallback": True, "reason": vote_none["image"]["reason"]}
+    assert vote_none["image"]["fallback"] and vote_none["image"]["reason"]
