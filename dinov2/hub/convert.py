@@ -14,10 +14,11 @@ Outputs in --output-dir:
     hf/config.json              into query, key and value): `Dinov2Model.from_pretrained(...)`
     conversion.json             the source, each format's files and the check's largest differences
 
-Each format is written to a temporary directory and checked where its library is installed (`--check auto`): the
+Every format is written to a staging directory and checked where its library is installed (`--check auto`): the
 converted model runs on seeded random images at the backbone's native size and its class and patch tokens must equal
 this backbone's within `--tolerance` (relative to their largest magnitude), else the command fails naming the format
-and keeps an earlier conversion in place. At other sizes the position embeddings are interpolated by each library its
+and leaves --output-dir as it was. Only when every format passes are they all moved into place, readable as the
+umask allows, and conversion.json written. At other sizes the position embeddings are interpolated by each library its
 own way (upstream: scale factor with an offset of 0.1, or size-based with antialiasing for register models; timm and
 HF: size-based bicubic), so tokens there differ somewhat between them.
 """
@@ -38,7 +39,7 @@ from dinov2.eval.setup import get_args_parser as get_setup_args_parser
 from dinov2.layers.layer_scale import LayerScale
 from dinov2.logging import setup_logging
 from dinov2.utils.config import get_cfg_from_args
-from dinov2.utils.utils import atomic_write, convert_chunked_to_flat
+from dinov2.utils.utils import current_umask, atomic_write, convert_chunked_to_flat
 
 logger = logging.getLogger("dinov2")
 
@@ -308,32 +309,47 @@ def check_format(fmt: str, folder: str, model: nn.Module, spec: Dict[str, object
             "max_abs_diff": diff, "token_scale": scale}
 
 
+def _share_folder(folder: str) -> None:
+    """Give `folder` and its files the permissions the umask allows (mkdtemp makes 0700 folders, safetensors 0600
+    files), so that another account (a scoring service) can load the conversion."""
+    umask = current_umask()
+    os.chmod(folder, 0o777 & ~umask)
+    for name in os.listdir(folder):
+        os.chmod(os.path.join(folder, name), 0o666 & ~umask)
+
+
 def run_convert(args: argparse.Namespace) -> Dict[str, object]:
-    """Write, check and move into place each requested format; write conversion.json."""
+    """Write and check every requested format in staging; only when all pass, move them into place and write
+    conversion.json, so that a failing format leaves an earlier conversion whole rather than half replaced."""
     config = get_cfg_from_args(args)
     model = build_model_for_eval(config, args.pretrained_weights).float().cpu().eval()
     spec = backbone_spec(model)
     os.makedirs(args.output_dir, exist_ok=True)
     record = {"pretrained_weights": args.pretrained_weights, "config_file": args.config_file, "backbone": spec,
               "formats": {}}
-    for fmt in dict.fromkeys(args.formats):
-        staging = tempfile.mkdtemp(prefix=f".{fmt}.", dir=args.output_dir)
-        try:
-            files = write_format(fmt, model, spec, staging)
-            checked = (check_format(fmt, staging, model, spec, args.check, args.tolerance, args.seed)
+    staged = {}
+    try:
+        for fmt in dict.fromkeys(args.formats):
+            staged[fmt] = tempfile.mkdtemp(prefix=f".{fmt}.", dir=args.output_dir)
+            files = write_format(fmt, model, spec, staged[fmt])
+            checked = (check_format(fmt, staged[fmt], model, spec, args.check, args.tolerance, args.seed)
                        if args.check != "false" else {"checked": False, "reason": "--check false"})
+            _share_folder(staged[fmt])
+            record["formats"][fmt] = {"files": [os.path.join(fmt, name) for name in files], **checked}
+            logger.info(f"{fmt}: staged {', '.join(files)}"
+                        + (f"; tokens within {max(checked['max_abs_diff'].values()):.2g} of this backbone's"
+                           if checked["checked"] else f"; not checked ({checked['reason']})"))
+        for fmt, staging in staged.items():
             target = os.path.join(args.output_dir, fmt)
             if os.path.isdir(target):
                 shutil.rmtree(target)
             os.replace(staging, target)
-        finally:
+        atomic_write(os.path.join(args.output_dir, "conversion.json"),
+                     lambda f: f.write(json.dumps(record, indent=2) + "\n"), binary=False)
+    finally:
+        for staging in staged.values():
             shutil.rmtree(staging, ignore_errors=True)
-        record["formats"][fmt] = {"files": [os.path.join(fmt, name) for name in files], **checked}
-        logger.info(f"{fmt}: wrote {', '.join(files)} in {os.path.join(args.output_dir, fmt)}"
-                    + (f"; tokens within {max(checked['max_abs_diff'].values()):.2g} of this backbone's"
-                       if checked["checked"] else f"; not checked ({checked['reason']})"))
-    atomic_write(os.path.join(args.output_dir, "conversion.json"),
-                 lambda f: f.write(json.dumps(record, indent=2) + "\n"), binary=False)
+    logger.info(f"wrote {', '.join(staged)} and conversion.json in {args.output_dir}")
     return record
 
 

@@ -265,7 +265,7 @@ def _fsync_dir(dirname: str) -> None:
         os.close(fd)
 
 
-def _current_umask() -> int:
+def current_umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
     return umask
@@ -284,7 +284,7 @@ def atomic_write(path: str, write_fn: Callable[[IO], None], binary: bool = True)
             write_fn(f)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp_path, 0o666 & ~_current_umask())  # mkstemp makes 0600 files; give the usual permissions
+        os.chmod(tmp_path, 0o666 & ~current_umask())  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp_path, path)
     except BaseException:
         if os.path.exists(tmp_path):

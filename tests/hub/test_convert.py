@@ -3,6 +3,7 @@ tokens in the other library; a check that keeps a drifting conversion out."""
 
 import json
 import os
+import stat
 
 import pytest
 import timm
@@ -124,6 +125,58 @@ def test_a_drifting_conversion_is_refused_and_the_earlier_one_kept(tmp_path, mon
         run(config, weights, tmp_path / "out", "--formats", "timm")
     assert (tmp_path / "out" / "timm" / "model.safetensors").read_bytes() == before
     assert sorted(os.listdir(tmp_path / "out")) == ["conversion.json", "timm"]
+
+
+def tree(root) -> dict:
+    """Every folder (None) and file (its bytes) under `root`, by path relative to it."""
+    found = {}
+    for folder, dirs, files in os.walk(root):
+        for name in dirs:
+            found[os.path.relpath(os.path.join(folder, name), root)] = None
+        for name in files:
+            with open(os.path.join(folder, name), "rb") as f:
+                found[os.path.relpath(os.path.join(folder, name), root)] = f.read()
+    return found
+
+
+def test_a_failing_later_format_leaves_every_earlier_one_in_place(tmp_path, monkeypatch):
+    """hub and timm of new weights pass their checks, HF's fails: the earlier conversion stays whole, not new hub
+    and timm files beside an old conversion.json and HF folder."""
+    config, weights = write_backbone(tmp_path, VARIANTS["chunked_layerscale"])
+    run(config, weights, tmp_path / "out")
+    before = tree(tmp_path / "out")
+    teacher = torch.load(weights, weights_only=True)["teacher"]
+    teacher["backbone.norm.weight"] = teacher["backbone.norm.weight"] + 0.5
+    other_weights = tmp_path / "other_checkpoint.pth"
+    torch.save({"teacher": teacher}, other_weights)
+    original = convert.hf_files
+
+    def drifting(model, spec):
+        state, config_json = original(model, spec)
+        state["layernorm.weight"] = state["layernorm.weight"] * 1.01
+        return state, config_json
+
+    monkeypatch.setattr(convert, "hf_files", drifting)
+    with pytest.raises(ValueError, match=r"hf: the converted model's tokens differ from this backbone's by up to"):
+        run(config, other_weights, tmp_path / "out")
+    assert tree(tmp_path / "out") == before  # no file changed, no staging folder left
+
+
+def test_converted_files_are_readable_by_other_users(tmp_path):
+    """Folders and files get the permissions the umask allows (mkdtemp makes 0700 folders, safetensors 0600 files),
+    so another account can load the conversion."""
+    config, weights = write_backbone(tmp_path, VARIANTS["chunked_layerscale"])
+    umask = os.umask(0o022)
+    try:
+        run(config, weights, tmp_path / "out", "--check", "false")
+    finally:
+        os.umask(umask)
+    for fmt in convert.FORMATS:
+        folder = tmp_path / "out" / fmt
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o755, fmt
+        for path in folder.iterdir():
+            assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
+    assert stat.S_IMODE((tmp_path / "out" / "conversion.json").stat().st_mode) == 0o644
 
 
 def test_missing_library_and_inexpressible_backbones_are_named(tmp_path, monkeypatch):
