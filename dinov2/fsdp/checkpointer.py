@@ -249,6 +249,7 @@ class FSDPCheckpointer:
             own = main if own_path == main_path else self._read(own_path)
         else:
             own = main
+        own_source = own_path if own is not main else main_path  # the file this rank's entries come from
         self._check_model_keys(main["model"], main_path)
         full_load = checkpointables is None
         names = list(self.checkpointables) if full_load else list(checkpointables)
@@ -272,7 +273,7 @@ class FSDPCheckpointer:
             if name not in self.checkpointables:
                 raise KeyError(f"Unknown checkpointable {name!r} (have {sorted(self.checkpointables)})")
             if name not in own:
-                raise RuntimeError(f"Checkpoint {own_path} has no {name!r} entry")
+                raise RuntimeError(f"Checkpoint {own_source} has no {name!r} entry")
             self.checkpointables[name].load_state_dict(own[name])
         if full_load:
             if written_by == world_size:
@@ -282,7 +283,7 @@ class FSDPCheckpointer:
                     f"Checkpoint {main_path} was written by {written_by} ranks, this run has {world_size}: "
                     "model and optimizer loaded (they are stored unsharded), per-rank RNG states not restored"
                 )
-        logger.info(f"Loaded checkpoint {own_path if own is not main else main_path}")
+        logger.info(f"Loaded checkpoint {own_source}")
         return {k: v for k, v in own.items() if k not in _RESERVED_KEYS and k not in self.checkpointables}
 
     def resume_or_load(self, path: str, *, resume: bool = True) -> Dict[str, Any]:

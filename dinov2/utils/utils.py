@@ -266,6 +266,7 @@ def _fsync_dir(dirname: str) -> None:
 
 
 def current_umask() -> int:
+    """The process's umask (read by setting and restoring it: the os module has no getter)."""
     umask = os.umask(0)
     os.umask(umask)
     return umask

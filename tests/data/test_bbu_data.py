@@ -107,6 +107,11 @@ GOOD = {"img_path": "train/1/1-0.jpeg", "gt_label": 0, "group_id": "1"}
         (_annotation([dict(GOOD, gt_label="1")]), r"data_list\[0\]: gt_label must be an integer, got '1'"),
         (_annotation([GOOD, dict(GOOD, group_id=[1])]), r"data_list\[1\]: group_id must be a string or an integer"),
         (_annotation([GOOD, "train/x.jpeg"]), r"data_list\[1\]: expected an object, got str"),
+        (_annotation([GOOD, dict(GOOD, group_id=" ")]), r"data_list\[1\]: empty group_id ' ' \(leave the key out"),
+        ({"metainfo": {"classes": ["positive", "negative"]}, "data_list": [GOOD]},
+         r"'metainfo.classes' is \['positive', 'negative'\]: 'negative' must come first \(gt_label 0\)"),
+        ({"metainfo": {"classes": ["ok", "ok"]}, "data_list": [GOOD]}, r"'metainfo.classes' names a class twice"),
+        ({"metainfo": {"classes": ["ok", ""]}, "data_list": [GOOD]}, r"missing or invalid 'metainfo.classes'"),
     ],
 )
 def test_bad_annotations(tmp_path, content, message):

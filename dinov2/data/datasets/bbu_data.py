@@ -17,6 +17,7 @@ import numpy as np
 from .extended import ImageListDataset, SplitEnum
 
 UNLABELLED = -1
+NEGATIVE_CLASS = "negative"  # the good class; when present it must be class 0
 
 
 class _Split(SplitEnum):
@@ -55,6 +56,8 @@ def _entry_group_id(entry: dict, img_path: str) -> str:
         return parent or os.path.basename(img_path)
     if isinstance(group_id, bool) or not isinstance(group_id, (str, int)):
         raise ValueError(f"group_id must be a string or an integer, got {group_id!r}")
+    if isinstance(group_id, str) and not group_id.strip():  # would merge every such photo into one device
+        raise ValueError(f"empty group_id {group_id!r} (leave the key out to group by the image's folder)")
     return str(group_id)
 
 
@@ -80,8 +83,15 @@ def load_bbu_annotations(path: str, errors: Optional[List[str]] = None) -> BBUAn
     if not isinstance(metainfo, dict):
         raise ValueError(f"{path}: missing or invalid 'metainfo' (expected an object with 'classes')")
     classes = metainfo.get("classes")
-    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) and c.strip() for c in classes):
         raise ValueError(f"{path}: missing or invalid 'metainfo.classes' (expected a non-empty list of names)")
+    if len(set(classes)) != len(classes):
+        raise ValueError(f"{path}: 'metainfo.classes' names a class twice: {classes}")
+    if NEGATIVE_CLASS in classes and classes[0] != NEGATIVE_CLASS:
+        raise ValueError(
+            f"{path}: 'metainfo.classes' is {classes}: {NEGATIVE_CLASS!r} must come first (gt_label 0), as the QC "
+            "metrics, thresholds and group decisions take class 0 for the good devices and any other for a defect"
+        )
     data_list = content.get("data_list")
     if not isinstance(data_list, list):
         raise ValueError(f"{path}: missing or invalid 'data_list' (expected a list of entries)")
