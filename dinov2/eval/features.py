@@ -3,7 +3,7 @@
 One pass over a split stores, per image, the normalised class tokens of the last `n_blocks` (<= 4) blocks and the mean
 patch token of the last block. Every probe input derives from these: k-NN and log-reg use the last class token (the
 backbone output), the linear grid the concatenations of upstream's `create_linear_input`. The cache file
-`<features-dir>/<tag>_<key>.pt` is keyed by a hash of the weights (path, size, mtime; or the seed of a random init),
+`<features-dir>/<tag>_<key>.pt` is keyed by a hash of the weights (the SHA-256 of the state dict as loaded),
 the dataset string and its image list and labels, the model config, the transform, the number of blocks and the
 inference dtype, so the probes of one invocation (and later invocations with the same inputs) share one extraction.
 
@@ -241,7 +241,10 @@ class FeatureStore:
         self.batch_size, self.num_workers = batch_size, num_workers
         self.base_fields = {
             "version": CACHE_FORMAT_VERSION,
-            "weights": weights_identity(pretrained_weights, int(config.train.seed)),
+            # the weights' state-dict fingerprint when known (a file copied, restored or rewritten with the same
+            # size and time is still told apart, a copy of the same weights still hits), else path, size and time
+            "weights": ({"backbone_sha256": self.source["backbone_sha256"]} if "backbone_sha256" in self.source
+                        else weights_identity(pretrained_weights, int(config.train.seed))),
             "model": OmegaConf.to_container(config.student, resolve=True),
             "global_crops_size": int(config.crops.global_crops_size),
             "transform": repr(transform),

@@ -72,6 +72,23 @@ def test_cache_key_covers_transform_and_annotations(tmp_path, eval_config, sampl
         store._load(path, fields, 6)
 
 
+def test_cache_key_is_the_weights_fingerprint_when_known(tmp_path, eval_config, sample_root):
+    """Features are keyed on the backbone's state-dict SHA-256 (from `feature_source`), not on where its file is."""
+    cfg = load_eval_config(eval_config)
+    model = build_model_for_eval(cfg, "random")
+    test = dataset_str(sample_root, "TEST")
+    dataset = make_dataset(dataset_str=test)
+
+    def path(weights: str, sha256: str) -> str:
+        store = FeatureStore(model, torch.float32, cfg, weights, transform=None, cache_dir=str(tmp_path),
+                             batch_size=4, num_workers=0, source={"backbone_sha256": sha256})  # fmt: skip
+        assert store.base_fields["weights"] == {"backbone_sha256": sha256}
+        return store.cache_path(test, store.cache_fields(test, dataset))
+
+    assert path("a/teacher.pth", "1" * 64) == path("b/copy.pth", "1" * 64)
+    assert path("a/teacher.pth", "1" * 64) != path("a/teacher.pth", "2" * 64)
+
+
 def test_cast_weights_extract_in_their_dtype_into_their_own_cache(tmp_path, eval_config, sample_root):
     """A backbone cast to bf16 (`--cast-weights`) runs wholly in bf16, without autocast: features within bf16
     rounding of the float32 ones, cached under their own key."""
