@@ -109,18 +109,23 @@ def test_released_weights_round_trip_and_load_in_timm_and_hf(tmp_path, weights_d
     assert build_released_vits14().pos_embed.shape == hub["pos_embed"].shape
 
 
+def drift(monkeypatch, files_fn: str, key: str) -> None:
+    """Make `convert.<files_fn>` write tensor `key` 1 % off, so that the format's check fails."""
+    original = getattr(convert, files_fn)
+
+    def drifting(model, spec):
+        state, config_json = original(model, spec)
+        state[key] = state[key] * 1.01
+        return state, config_json
+
+    monkeypatch.setattr(convert, files_fn, drifting)
+
+
 def test_a_drifting_conversion_is_refused_and_the_earlier_one_kept(tmp_path, monkeypatch):
     config, weights = write_backbone(tmp_path, VARIANTS["chunked_layerscale"])
     run(config, weights, tmp_path / "out", "--formats", "timm")
     before = (tmp_path / "out" / "timm" / "model.safetensors").read_bytes()
-    original = convert.timm_files
-
-    def drifting(model, spec):
-        state, config_json = original(model, spec)
-        state["blocks.7.norm1.weight"] = state["blocks.7.norm1.weight"] * 1.01
-        return state, config_json
-
-    monkeypatch.setattr(convert, "timm_files", drifting)
+    drift(monkeypatch, "timm_files", "blocks.7.norm1.weight")
     with pytest.raises(ValueError, match=r"timm: the converted model's tokens differ from this backbone's by up to"):
         run(config, weights, tmp_path / "out", "--formats", "timm")
     assert (tmp_path / "out" / "timm" / "model.safetensors").read_bytes() == before
@@ -149,14 +154,7 @@ def test_a_failing_later_format_leaves_every_earlier_one_in_place(tmp_path, monk
     teacher["backbone.norm.weight"] = teacher["backbone.norm.weight"] + 0.5
     other_weights = tmp_path / "other_checkpoint.pth"
     torch.save({"teacher": teacher}, other_weights)
-    original = convert.hf_files
-
-    def drifting(model, spec):
-        state, config_json = original(model, spec)
-        state["layernorm.weight"] = state["layernorm.weight"] * 1.01
-        return state, config_json
-
-    monkeypatch.setattr(convert, "hf_files", drifting)
+    drift(monkeypatch, "hf_files", "layernorm.weight")
     with pytest.raises(ValueError, match=r"hf: the converted model's tokens differ from this backbone's by up to"):
         run(config, other_weights, tmp_path / "out")
     assert tree(tmp_path / "out") == before  # no file changed, no staging folder left
