@@ -4,6 +4,7 @@
 """
 
 import pathlib
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError
@@ -15,8 +16,29 @@ class ConfigError(ValueError):
     """A config file or an override names a key that the default config does not have, or a bad value."""
 
 
+def _check_shapes(base: Any, other: Any, source: str, prefix: str = "") -> None:
+    """Struct mode still lets a mapping replace a value and a value replace a mapping (`optim.epochs.warmup=5` would
+    turn `optim.epochs` into `{'warmup': 5}`, `compute_precision.teacher=3` drop a whole section): refuse both,
+    naming the key."""
+    for key, value in other.items():
+        if key not in base:
+            continue  # the merge names unknown keys
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and not isinstance(base[key], dict):
+            keys = ", ".join(f"{name}.{k}" for k in value)
+            raise ConfigError(f"Unknown config key(s) {keys} in {source}: {name} takes a value, not a mapping")
+        if isinstance(base[key], dict) and not isinstance(value, dict):
+            raise ConfigError(f"{name}={value!r} in {source}: {name} is a section ({', '.join(base[key])}), set its "
+                              "keys instead")  # fmt: skip
+        if isinstance(value, dict):
+            _check_shapes(base[key], value, source, f"{name}.")
+
+
 def merge_configs(base: DictConfig, *others: DictConfig, source: str = "config") -> DictConfig:
     """Merge `others` into `base` in struct mode, so a key missing from `base` raises a ConfigError naming it."""
+    plain_base = OmegaConf.to_container(base, resolve=False)
+    for other in others:
+        _check_shapes(plain_base, OmegaConf.to_container(other, resolve=False), source)
     OmegaConf.set_struct(base, True)
     try:
         merged = OmegaConf.merge(base, *others)

@@ -11,6 +11,7 @@ from typing import Dict, Iterable, Iterator, Optional
 import torch
 
 import dinov2.distributed as distributed
+from dinov2.utils.utils import atomic_write
 
 logger = logging.getLogger("dinov2")
 
@@ -40,7 +41,7 @@ class SmoothedValue:
 
     @property
     def median(self) -> float:
-        return torch.tensor(list(self.deque)).median().item()
+        return torch.tensor(list(self.deque), dtype=torch.float64).median().item()
 
     @property
     def avg(self) -> float:
@@ -62,6 +63,15 @@ class SmoothedValue:
         return self.fmt.format(
             median=self.median, avg=self.avg, global_avg=self.global_avg, max=self.max, value=self.value
         )
+
+
+def _record_iteration(line: str) -> Optional[int]:
+    """The iteration of one JSON line of the output file; None for a line that is not a whole record."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return record.get("iteration") if isinstance(record, dict) else None
 
 
 class MetricLogger:
@@ -99,6 +109,18 @@ class MetricLogger:
 
     def add_meter(self, name: str, meter: SmoothedValue) -> None:
         self.meters[name] = meter
+
+    def drop_records_from(self, iteration: int) -> None:
+        """Remove the output file's records of `iteration` and later, and any line a crash cut short (main process).
+        A run started over, or resumed from a checkpoint older than its last logged iteration, would otherwise list
+        those iterations twice, the old values first."""
+        if self.output_file is None or not distributed.is_main_process() or not os.path.isfile(self.output_file):
+            return
+        with open(self.output_file) as f:
+            lines = f.readlines()
+        kept = [line for line in lines if _record_iteration(line) is not None and _record_iteration(line) < iteration]
+        if len(kept) != len(lines):
+            atomic_write(self.output_file, lambda f: f.writelines(kept), binary=False)
 
     def dump_in_output_file(self, iteration: int, iter_time: float, data_time: float) -> None:
         if self.output_file is None or not distributed.is_main_process():

@@ -61,14 +61,35 @@ def get_executor_parameters(args: argparse.Namespace, name: str) -> Dict[str, An
     return params
 
 
+def _existing_part(folder: str) -> str:
+    """The folders of `folder` above the first one whose name holds the job id `%j` (submitit makes that one): not a
+    stray `run_` for `run_%j`."""
+    if "%j" not in folder:
+        return folder
+    return os.path.dirname(folder.split("%j")[0]) or os.sep
+
+
 def build_executor(args: argparse.Namespace, name: str, cluster: Optional[str] = None) -> submitit.AutoExecutor:
     """AutoExecutor writing its files to `args.output_dir` (default `outputs/slurm/%j`); `cluster="debug"` runs
-    the job in this process, `"slurm"` forces SLURM even where sbatch is absent (to inspect the script)."""
+    the job in this process, `"slurm"` forces SLURM even where sbatch is absent (to inspect the script).
+
+    Where there is no SLURM, submitit falls back to its local executor, which starts the tasks as separate processes
+    without the variables this codebase's distributed setup reads: each would train alone, all into the same files.
+    More than one task there is refused, pointing to torchrun instead."""
+    if args.ngpus < 1 or args.nodes < 1:
+        raise ValueError(f"--ngpus and --nodes must be at least 1, got {args.ngpus} and {args.nodes}")
     if not args.output_dir:
         args.output_dir = os.path.join("outputs", "slurm", "%j")
     args.output_dir = os.path.abspath(args.output_dir)
-    Path(args.output_dir.replace("%j", "")).mkdir(parents=True, exist_ok=True)
+    Path(_existing_part(args.output_dir)).mkdir(parents=True, exist_ok=True)
     executor = submitit.AutoExecutor(folder=args.output_dir, cluster=cluster, slurm_max_num_timeout=MAX_NUM_TIMEOUT)
+    n_tasks = args.ngpus * args.nodes
+    if executor.cluster == "local" and n_tasks > 1:
+        raise ValueError(
+            f"no SLURM here (sbatch not found): submitit's local executor would start {n_tasks} separate one-process "
+            f"runs writing the same files. On one machine use torchrun (NPROC={args.ngpus} bash run/train/train.sh, "
+            f"or python -m torch.distributed.run --nproc_per_node={args.ngpus} ...), or pass --ngpus 1 --nodes 1"
+        )
     executor.update_parameters(**get_executor_parameters(args, name))
     return executor
 

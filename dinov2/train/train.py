@@ -25,6 +25,7 @@ from omegaconf import DictConfig
 from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
 import dinov2.distributed as distributed
+from dinov2.configs import ConfigError
 from dinov2.data import SamplerType, collate_data_and_cast, make_data_loader, make_dataset
 from dinov2.data.augmentations import make_augmentation_from_cfg
 from dinov2.data.collate import mask_args_from_cfg
@@ -45,6 +46,7 @@ torch.backends.cuda.matmul.allow_tf32 = True  # PyTorch 1.12 sets this to False 
 logger = logging.getLogger("dinov2")
 
 METRIC_KEYS = ("total_loss",) + LOSS_KEYS + TARGET_KEYS
+SCHEDULE_KEYS = ("lr", "wd", "mom", "last_layer_lr", "current_batch_size")  # logged beside the metrics
 UNIFORM_TARGETS = 0.99  # dino_target_entropy (fraction of ln K) at or above which the targets count as uniform
 ONE_PROTOTYPE = 2.0  # dino_target_prototypes below which every image counts as going to the same prototype
 
@@ -337,6 +339,13 @@ def input_dtype(cfg: DictConfig) -> torch.dtype:
 
 def do_train(cfg: DictConfig, model: SSLMetaArch, resume: bool = False) -> Dict[str, float]:
     """Train until `optim.epochs * OFFICIAL_EPOCH_LENGTH` iterations; returns the last logged metrics."""
+    for key, nullable in (("checkpoint_period", True), ("log_period", False)):
+        value = cfg.train[key]
+        if value is None and nullable:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"train.{key} must be a number of iterations >= 1" + (" or null" if nullable else "")
+                              + f", got {value!r}")  # fmt: skip
     model.train()
     inputs_dtype = input_dtype(cfg)
     fp16_scaler = model.fp16_scaler
@@ -375,7 +384,10 @@ def do_train(cfg: DictConfig, model: SSLMetaArch, resume: bool = False) -> Dict[
     logger.info(f"Starting training from iteration {start_iter} to {max_iter}")
     metrics_file = os.path.join(cfg.train.output_dir, "training_metrics.json")
     metric_logger = MetricLogger(delimiter="  ", output_file=metrics_file)
-    for key in METRIC_KEYS + ("eta_seconds",):  # already averaged over the log window: show the latest value
+    metric_logger.drop_records_from(start_iter)  # a fresh start (--no-resume) or the iterations a crash logged twice
+    # losses already averaged over the log window, and the schedules' values at the log iteration: the latest value
+    # (a window of 20 updates, one every log_period iterations, would lag the schedules by 20 log periods)
+    for key in METRIC_KEYS + SCHEDULE_KEYS + ("eta_seconds",):
         metric_logger.add_meter(key, SmoothedValue(window_size=1, fmt="{value:.4f}"))
     monitor = LossMonitor(model.device)
     log_period = cfg.train.log_period

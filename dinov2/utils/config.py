@@ -37,12 +37,13 @@ def write_config(cfg: DictConfig, output_dir: str, name: str = "config.yaml") ->
 
 
 def get_cfg_from_args(args: argparse.Namespace) -> DictConfig:
-    """default config <- `args.config_file` <- `args.opts` (OmegaConf dotlist); unknown keys raise ConfigError."""
+    """default config <- `args.config_file` <- `args.opts` (OmegaConf dotlist); unknown keys raise ConfigError.
+
+    `args.output_dir`, when given, becomes `train.output_dir` as an absolute path, set as a plain string (a dotlist
+    override would parse it as YAML: `run #2` would lose its `#2`, `a: b` become a mapping); a different
+    `train.output_dir=` override beside it is an error."""
     opts: Sequence[str] = list(getattr(args, "opts", None) or [])
     output_dir = getattr(args, "output_dir", "") or ""
-    if output_dir:
-        args.output_dir = os.path.abspath(output_dir)
-        opts = [*opts, f"train.output_dir={args.output_dir}"]
     cfg = OmegaConf.create(dinov2_default_config)
     config_file = getattr(args, "config_file", "") or ""
     if config_file:
@@ -52,7 +53,16 @@ def get_cfg_from_args(args: argparse.Namespace) -> DictConfig:
     bad = [opt for opt in opts if "=" not in opt]
     if bad:
         raise ConfigError(f"Overrides must be key=value, got {bad}")
-    return merge_configs(cfg, OmegaConf.from_dotlist(list(opts)), source="command-line overrides")
+    overrides = OmegaConf.from_dotlist(list(opts))
+    cfg = merge_configs(cfg, overrides, source="command-line overrides")
+    if output_dir:
+        args.output_dir = os.path.abspath(output_dir)
+        override = OmegaConf.select(overrides, "train.output_dir")
+        if override is not None and os.path.abspath(str(override)) != args.output_dir:
+            raise ConfigError(f"--output-dir {args.output_dir} and the override train.output_dir={override} differ: "
+                              "give one of them")  # fmt: skip
+        cfg.train.output_dir = args.output_dir
+    return cfg
 
 
 def default_setup(args: argparse.Namespace, seed: Optional[int] = None) -> None:
@@ -68,6 +78,8 @@ def default_setup(args: argparse.Namespace, seed: Optional[int] = None) -> None:
 def setup(args: argparse.Namespace) -> DictConfig:
     """Build the config from `args`, set up the run and write `<output_dir>/config.yaml` on the main process."""
     cfg = get_cfg_from_args(args)
+    if not args.output_dir:  # no --output-dir: train.output_dir (default ".", the working directory, as upstream)
+        args.output_dir = cfg.train.output_dir = os.path.abspath(cfg.train.output_dir)
     os.makedirs(args.output_dir, exist_ok=True)
     default_setup(args, seed=int(cfg.train.seed))
     apply_scaling_rules_to_cfg(cfg)

@@ -19,6 +19,9 @@
 #               cached features, plenty for a few thousand images; upstream uses 10 x 1250 for ImageNet)
 #   PYTHON      python interpreter (default: python from PATH)
 #   RDZV_ENDPOINT  host:port of the rendezvous when NNODES > 1 (run this script on every node); RDZV_ID (dinov2)
+#   NODE_RANK   with NNODES > 1, required: this node's index 0..NNODES-1. Node 0 prepares and checks the data and,
+#               after pretraining, runs the evaluation, export and the rest (OUTPUT_DIR must be shared); the other
+#               nodes only train
 #   EVAL_OPTS   options for the three probes (default: --resize-size S --crop-size S --num-workers W with
 #               S = crops.global_crops_size and W = train.num_workers of the run's config.yaml)
 #   EXPORT      auto|true|false (default auto): export the teacher with its linear probe to ONNX
@@ -52,10 +55,14 @@ fi
 
 if [[ "$NNODES" == 1 ]]; then
     LAUNCH=(--standalone)  # a free local port
-elif [[ -n "${RDZV_ENDPOINT:-}" ]]; then
-    LAUNCH=(--rdzv_backend=c10d --rdzv_endpoint="$RDZV_ENDPOINT" --rdzv_id="${RDZV_ID:-dinov2}")
-else
+    NODE_RANK=0
+elif [[ -z "${RDZV_ENDPOINT:-}" ]]; then
     echo "NNODES=$NNODES needs RDZV_ENDPOINT=host:port (the same on every node)" >&2; exit 2
+elif ! [[ "${NODE_RANK:-}" =~ ^[0-9]+$ ]] || (( NODE_RANK >= NNODES )); then
+    echo "NNODES=$NNODES needs NODE_RANK=0..$((NNODES - 1)) (node 0 evaluates after pretraining), got" \
+        "'${NODE_RANK:-}'" >&2; exit 2
+else
+    LAUNCH=(--rdzv_backend=c10d --rdzv_endpoint="$RDZV_ENDPOINT" --rdzv_id="${RDZV_ID:-dinov2}")
 fi
 
 case "$EXPORT" in
@@ -88,14 +95,14 @@ case "$NO_RESUME" in
     *) echo "NO_RESUME must be true or false, got '$NO_RESUME'" >&2; exit 2 ;;
 esac
 
-if [[ ! -f "$DATA_ROOT/annotations/train.json" ]]; then
+if [[ "$NODE_RANK" == 0 && ! -f "$DATA_ROOT/annotations/train.json" ]]; then
     echo "== generating the sample BBU dataset in $DATA_ROOT"
     "$PYTHON" scripts/make_sample_bbu.py "$DATA_ROOT" --groups "${SAMPLE_GROUPS:-100}"
 fi
 
-if [[ "$CHECK" != false ]]; then
+if [[ "$NODE_RANK" == 0 && "$CHECK" != false ]]; then
     echo "== checking the dataset in $DATA_ROOT ($CHECK)"
-    if ! "$PYTHON" -m dinov2.data.check "BBU:root=$DATA_ROOT" "${CHECK_FLAGS[@]}"; then
+    if ! "$PYTHON" -m dinov2.data.check "BBU:root=$DATA_ROOT" ${CHECK_FLAGS[@]+"${CHECK_FLAGS[@]}"}; then
         echo "The dataset check found errors (above): fix them, or run with CHECK=false" >&2
         exit 1
     fi
@@ -104,8 +111,12 @@ fi
 echo "== pretraining: $NNODES node(s) x $NPROC process(es), config $CONFIG, output $OUTPUT_DIR"
 # shellcheck disable=SC2086  # EXTRA is a list of overrides
 "$PYTHON" -m torch.distributed.run "${LAUNCH[@]}" --nproc_per_node="$NPROC" --nnodes="$NNODES" \
-    dinov2/train/train.py --config-file "$CONFIG" --output-dir "$OUTPUT_DIR" "${RESUME_FLAG[@]}" \
+    dinov2/train/train.py --config-file "$CONFIG" --output-dir "$OUTPUT_DIR" ${RESUME_FLAG[@]+"${RESUME_FLAG[@]}"} \
     "train.dataset_path=$DATASET" $EXTRA
+if [[ "$NODE_RANK" != 0 ]]; then
+    echo "== node $NODE_RANK: pretraining done; node 0 evaluates the teacher"
+    exit 0
+fi
 
 EVAL_CONFIG="$OUTPUT_DIR/config.yaml"
 cfg_value() {  # $1 = python expression of the run's resolved config `c`

@@ -105,6 +105,21 @@ def test_unknown_key_in_a_file_is_named(tmp_path: pathlib.Path):
         merge_configs(OmegaConf.create(dinov2_default_config), OmegaConf.create({"optim": {"lerning_rate": 1}}), source="bad.yaml")
 
 
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.epochs.warmup=5", r"Unknown config key\(s\) optim\.epochs\.warmup in cli: optim\.epochs takes a value"),
+        ("student.img_size.h=518", r"student\.img_size\.h in cli: student\.img_size takes a value, not a mapping"),
+        ("compute_precision.teacher=3", r"compute_precision\.teacher=3 in cli: compute_precision\.teacher is a "
+                                        r"section \(backbone, dino_head, ibot_head\), set its keys instead"),
+    ],
+)
+def test_a_mapping_for_a_value_or_a_value_for_a_section_is_named(override, message):
+    """OmegaConf's struct mode alone accepts both, turning a number into a mapping or dropping a section."""
+    with pytest.raises(ConfigError, match=message):
+        merge_configs(OmegaConf.create(dinov2_default_config), OmegaConf.from_dotlist([override]), source="cli")
+
+
 def test_merge_does_not_modify_the_default():
     before = OmegaConf.to_container(dinov2_default_config)
     merge_configs(OmegaConf.create(dinov2_default_config), OmegaConf.create({"optim": {"epochs": 3}}))

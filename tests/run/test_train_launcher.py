@@ -28,6 +28,25 @@ def test_cli_defaults_and_aliases(tmp_path):
     assert get_args_parser().parse_args(["--output_dir", "x"]).output_dir == "x"
 
 
+def test_without_slurm_several_tasks_are_refused_and_counts_checked(tmp_path):
+    """submitit's local executor (no sbatch) would start independent one-process runs: refused beyond one task."""
+    args = _parse(["--ngpus", "2", "--config-file", SAMPLE_CONFIG, "--output-dir", str(tmp_path / "%j")])
+    with pytest.raises(ValueError, match=r"no SLURM here .* would start 2 separate one-process runs .* "
+                                         r"--nproc_per_node=2"):  # fmt: skip
+        build_executor(args, name="dinov2:train", cluster="local")
+    args.ngpus = 1
+    assert build_executor(args, name="dinov2:train", cluster="local").cluster == "local"
+    args.ngpus = 0
+    with pytest.raises(ValueError, match="--ngpus and --nodes must be at least 1, got 0 and 1"):
+        build_executor(args, name="dinov2:train", cluster="local")
+
+
+def test_job_folder_with_the_job_id_in_its_name_leaves_no_stray_folder(tmp_path):
+    args = _parse(["--ngpus", "1", "--config-file", SAMPLE_CONFIG, "--output-dir", str(tmp_path / "runs" / "a_%j")])
+    build_executor(args, name="dinov2:train", cluster="debug")
+    assert os.listdir(tmp_path / "runs") == []  # the job's own folder comes with the job id; no "a_"
+
+
 def test_slurm_parameters_and_sbatch_script(tmp_path, monkeypatch):
     monkeypatch.setattr(submitit.SlurmExecutor, "affinity", classmethod(lambda cls: 1))  # no srun on this machine
     args = _parse([

@@ -6,6 +6,7 @@ import sys
 import pytest
 import torch
 import train_helpers
+from omegaconf import OmegaConf
 from train_helpers import (
     REPO,
     SAMPLE_CONFIG,
@@ -17,6 +18,7 @@ from train_helpers import (
     tiny_opts,
 )
 
+from dinov2.configs import ConfigError
 from dinov2.data.prefetcher import DevicePrefetcher
 from dinov2.loss import KoLeoLoss
 from dinov2.models import vision_transformer as vits
@@ -45,6 +47,12 @@ def test_loss_decreases_on_sample_data(tmp_path, sample_root):
     for key in METRICS:
         first, last = (sum(m[key] for m in part) / 5 for part in (metrics[:5], metrics[-5:]))
         assert last < (0.8 if key == "total_loss" else 1.0) * first, (key, first, last)
+    # the schedules' values of each logged iteration (not a median over the last 20 logged ones)
+    lr, wd, mom, _, last_layer_lr, _ = train_module.build_schedulers(OmegaConf.load(os.path.join(out, "config.yaml")))
+    for m in metrics:
+        i = m["iteration"]
+        expected = [lr[i], wd[i], mom[i], last_layer_lr[i]]
+        assert [m[k] for k in ("lr", "wd", "mom", "last_layer_lr")] == pytest.approx(expected, rel=1e-12), i
 
 
 def _fp16_with_grad_scaler(monkeypatch) -> list:
@@ -153,9 +161,25 @@ def test_max_to_keep_and_no_resume(tmp_path, sample_root):
     assert sorted(f for f in os.listdir(out) if f.endswith(".pth")) == [
         "model_0000005.rank_0.pth", "model_0000007.rank_0.pth", "model_final.rank_0.pth",
     ]
-    os.remove(os.path.join(out, "training_metrics.json"))
+    first_run = read_metrics(out)
+    with open(os.path.join(out, "training_metrics.json"), "a") as f:
+        f.write('{"iteration": 8, "total_lo')  # a line a crash cut short
     run_training(out, tiny_opts(sample_root, train__checkpoint_period=2, train__max_to_keep=2), no_resume=True)
-    assert [m["iteration"] for m in read_metrics(out)] == list(range(8))  # started over
+    metrics = read_metrics(out)  # started over: the first run's records are gone, not listed before the new ones
+    assert [m["iteration"] for m in metrics] == list(range(8))
+    assert [m["total_loss"] for m in metrics] == [m["total_loss"] for m in first_run]  # same seed, same losses
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("checkpoint_period", 0, r"train\.checkpoint_period must be a number of iterations >= 1 or null, got 0"),
+    ("log_period", 0, r"train\.log_period must be a number of iterations >= 1, got 0"),
+    ("log_period", None, r"train\.log_period must be a number of iterations >= 1, got None"),
+])
+def test_bad_periods_are_named_before_training(key, value, message):
+    cfg = train_helpers.tiny_cfg()
+    cfg.train[key] = value
+    with pytest.raises(ConfigError, match=message):
+        train_module.do_train(cfg, model=None)
 
 
 def test_collapse_warning_names_the_kind_of_collapse():

@@ -8,6 +8,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from dinov2.configs import ConfigError
+from dinov2.utils import config as config_module
 from dinov2.utils.config import apply_scaling_rules_to_cfg, get_cfg_from_args, write_config
 
 
@@ -21,6 +22,33 @@ def test_precedence_default_then_file_then_overrides(tmp_path):
     cfg = get_cfg_from_args(make_args(tmp_path, str(cfg_file), ["optim.warmup_epochs=3"]))
     assert (cfg.optim.epochs, cfg.optim.warmup_epochs, cfg.optim.weight_decay) == (7, 3, 0.04)
     assert cfg.train.output_dir == str((tmp_path / "out").resolve())
+
+
+@pytest.mark.parametrize("name", ["run #2", "a: b", "x=1"])
+def test_output_dir_is_taken_as_it_is(tmp_path, name):
+    """--output-dir is not parsed as YAML: a '#' does not cut it, ': ' does not make it a mapping."""
+    args = argparse.Namespace(config_file="", output_dir=str(tmp_path / name), opts=[])
+    cfg = get_cfg_from_args(args)
+    assert cfg.train.output_dir == args.output_dir == str(tmp_path / name)
+
+
+def test_output_dir_and_a_different_override_are_an_error(tmp_path):
+    same = make_args(tmp_path, opts=[f"train.output_dir={tmp_path / 'out'}"])
+    assert get_cfg_from_args(same).train.output_dir == str(tmp_path / "out")
+    with pytest.raises(ConfigError, match=r"--output-dir .*/out and the override train.output_dir=.*/elsewhere differ"):
+        get_cfg_from_args(make_args(tmp_path, opts=[f"train.output_dir={tmp_path / 'elsewhere'}"]))
+
+
+def test_without_output_dir_the_run_goes_to_train_output_dir(tmp_path, monkeypatch):
+    """As upstream, no --output-dir means train.output_dir (default ".": the working directory)."""
+    monkeypatch.setattr(config_module, "default_setup", lambda args, seed=None: None)
+    monkeypatch.chdir(tmp_path)
+    args = argparse.Namespace(config_file="", output_dir="", opts=["train.output_dir=runs/a"])
+    cfg = config_module.setup(args)
+    assert args.output_dir == cfg.train.output_dir == str(tmp_path / "runs" / "a")
+    assert (tmp_path / "runs" / "a" / "config.yaml").is_file()
+    args = argparse.Namespace(config_file="", output_dir="", opts=[])
+    assert config_module.setup(args).train.output_dir == str(tmp_path)
 
 
 def test_unknown_override_key_is_named(tmp_path):
