@@ -230,7 +230,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(HTTPStatus.NOT_FOUND, f"no such endpoint: POST {self.path} (POST /score)")
             return
         header = self.headers.get("Content-Length") or "0"
-        if not header.strip().isdigit():  # not a count of bytes (negative, or not a number): the body is not read
+        if not header.strip().isdecimal():  # not a count of bytes (negative, or not a number): the body is not read
             self.close_connection = True
             self._error(HTTPStatus.BAD_REQUEST, f"Content-Length must be a number of bytes, got {header!r}")
             return

@@ -39,7 +39,7 @@ from dinov2.eval.setup import get_args_parser as get_setup_args_parser
 from dinov2.layers.layer_scale import LayerScale
 from dinov2.logging import setup_logging
 from dinov2.utils.config import get_cfg_from_args
-from dinov2.utils.utils import current_umask, atomic_write, convert_chunked_to_flat
+from dinov2.utils.utils import atomic_write, convert_chunked_to_flat, current_umask
 
 logger = logging.getLogger("dinov2")
 

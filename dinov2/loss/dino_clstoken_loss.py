@@ -16,9 +16,9 @@ class TeacherCentering(nn.Module):
     As upstream, `update_center` starts an async all-reduce of the batch sum and the new centre is applied lazily at
     the next `softmax_center_teacher` call (or before a `state_dict()` is taken, so a checkpoint never misses a
     pending update). Subclasses say how a batch is summed in `batch_center_sum` and how the all-reduced sum becomes
-    the new centre in `next_center`. Works with and without a process
-    group. The row-wise maths (centred softmax, cross-entropy) runs through `self.kernels`, eager unless
-    `self.kernels.compile()` was called (see `dinov2/loss/kernels.py`).
+    the new centre in `next_center`. Works with and without a process group. The row-wise maths (centred softmax,
+    cross-entropy) runs through `self.kernels`, eager unless `self.kernels.compile()` was called (see
+    `dinov2/loss/kernels.py`).
     """
 
     def __init__(self, center_shape: Tuple[int, ...], center_momentum: float) -> None:

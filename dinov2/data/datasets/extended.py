@@ -14,7 +14,6 @@ from .decoders import IMAGE_ERRORS, EncodedImage, ImageDataDecoder, TargetDecode
 
 logger = logging.getLogger("dinov2")
 
-
 _S = TypeVar("_S", bound="SplitEnum")
 
 
