@@ -8,6 +8,8 @@ from typing import Any, Callable, Dict, List, Optional
 
 import submitit
 
+from dinov2.utils.config import get_cfg_from_args
+
 logger = logging.getLogger("dinov2")
 
 CPUS_PER_TASK = 10
@@ -59,6 +61,20 @@ def get_executor_parameters(args: argparse.Namespace, name: str) -> Dict[str, An
     if args.exclude:
         params["slurm_exclude"] = args.exclude
     return params
+
+
+def check_config_arguments(args: argparse.Namespace) -> None:
+    """Check the job's --config-file and key=value overrides before it is queued (a typo would otherwise be found
+    only when the job starts, after the wait): the file exists, every override is key=value of a known key, and no
+    launcher option was swallowed by the overrides (they come last)."""
+    if not args.config_file or not os.path.isfile(args.config_file):
+        raise FileNotFoundError(f"--config-file {args.config_file!r} does not exist")
+    opts = list(getattr(args, "opts", None) or [])
+    options = [opt for opt in opts if opt.startswith("-")]
+    if options:
+        raise ValueError(f"{options[0]} comes after the key=value overrides {opts[:opts.index(options[0])]}, which "
+                         "take the rest of the command line: put the options first")  # fmt: skip
+    get_cfg_from_args(argparse.Namespace(config_file=args.config_file, opts=opts))
 
 
 def _existing_part(folder: str) -> str:

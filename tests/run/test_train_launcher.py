@@ -4,6 +4,7 @@ import os
 import pytest
 import submitit
 
+from dinov2.configs import ConfigError
 from dinov2.run.submit import build_executor, get_args_parser, submit_jobs
 from dinov2.run.train import train as slurm_train
 from dinov2.train.train import get_args_parser as get_train_args_parser
@@ -99,3 +100,15 @@ def test_debug_executor_runs_training_in_process(tmp_path, monkeypatch):
 def test_missing_config_file_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         slurm_train.main(["--config-file", str(tmp_path / "nope.yaml"), "--output-dir", str(tmp_path)])
+
+
+@pytest.mark.parametrize("overrides, error, message", [
+    (["optim.epoch=3"], ConfigError, r"Unknown config key 'optim\.epoch' in command-line overrides"),
+    (["optim.epochs=3", "--nodes", "2"], ValueError, r"--nodes comes after the key=value overrides "
+                                                     r"\['optim\.epochs=3'\], which take the rest"),
+])
+def test_bad_overrides_are_refused_before_the_job_is_queued(tmp_path, monkeypatch, overrides, error, message):
+    """Found at once, not when the job starts after its wait in the queue."""
+    monkeypatch.setattr(slurm_train, "submit_jobs", lambda *a, **k: pytest.fail("must not submit"))
+    with pytest.raises(error, match=message):
+        slurm_train.main(["--config-file", SAMPLE_CONFIG, "--output-dir", str(tmp_path / "%j"), *overrides])

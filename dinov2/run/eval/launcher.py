@@ -3,13 +3,12 @@
 import argparse
 import importlib
 import logging
-import os
 from typing import Callable, Optional, Sequence, Type
 
 import submitit
 
 from dinov2.logging import setup_logging
-from dinov2.run.submit import get_args_parser, submit_jobs
+from dinov2.run.submit import check_config_arguments, get_args_parser, submit_jobs
 
 logger = logging.getLogger("dinov2")
 
@@ -49,7 +48,6 @@ def launch(
     args_parser = get_args_parser(description=description, parents=[get_eval_args_parser(add_help=False)])
     args = args_parser.parse_args(argv)
     setup_logging()
-    if not args.config_file or not os.path.isfile(args.config_file):
-        raise FileNotFoundError(f"--config-file {args.config_file!r} does not exist")
+    check_config_arguments(args)
     submit_jobs(task_class, args, name=name)
     return 0

@@ -5,14 +5,13 @@
 
 import argparse
 import logging
-import os
 import sys
 from typing import Optional, Sequence
 
 import submitit
 
 from dinov2.logging import setup_logging
-from dinov2.run.submit import get_args_parser, submit_jobs
+from dinov2.run.submit import check_config_arguments, get_args_parser, submit_jobs
 from dinov2.train.train import get_args_parser as get_train_args_parser
 
 logger = logging.getLogger("dinov2")
@@ -48,8 +47,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     setup_logging()
     parents = [get_train_args_parser(add_help=False)]
     args = get_args_parser(description="Submitit launcher for DINOv2 training", parents=parents).parse_args(argv)
-    if not os.path.isfile(args.config_file):
-        raise FileNotFoundError(f"--config-file {args.config_file!r} does not exist")
+    check_config_arguments(args)
     submit_jobs(Trainer, args, name="dinov2:train")
     return 0
 
