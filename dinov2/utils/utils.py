@@ -173,6 +173,9 @@ def _pos_embed_hint(model: nn.Module, shapes: Tuple[Tuple[int, ...], Tuple[int, 
     )
 
 
+MISMATCHES_SHOWN = 10  # shape mismatches listed one by one in a load error; the rest are counted by prefix
+
+
 def summarise_keys(keys: Sequence[str], limit: int = 20) -> str:
     """`keys` joined, or when there are more than `limit` of them counted by their first name part
     (`blocks.* (144), cls_token, ...`): a wrong file's error stays readable."""
@@ -194,9 +197,20 @@ def _mismatch_message(
         lines.append(f"  missing keys ({len(missing)}): {summarise_keys(missing)}")
     if unexpected:
         lines.append(f"  unexpected keys ({len(unexpected)}): {summarise_keys(unexpected)}")
-    for key, (ckpt_shape, model_shape) in mismatched.items():
-        hint = _pos_embed_hint(model, (ckpt_shape, model_shape)) if key == "pos_embed" else ""
+    shown = list(mismatched)[:MISMATCHES_SHOWN]
+    for key in shown:
+        ckpt_shape, model_shape = mismatched[key]
+        other_grid = key == "pos_embed" and tuple(ckpt_shape)[:-1] != tuple(model_shape)[:-1]
+        hint = _pos_embed_hint(model, (ckpt_shape, model_shape)) if other_grid else ""
         lines.append(f"  shape mismatch {key}: checkpoint {tuple(ckpt_shape)} vs model {tuple(model_shape)}{hint}")
+    rest = [key for key in mismatched if key not in shown]
+    if rest:
+        lines.append(f"  and {len(rest)} more shape mismatches: {summarise_keys(rest, limit=0)}")
+    widths = {shapes[0][-1] != shapes[1][-1] for key, shapes in mismatched.items() if key == "cls_token"}
+    if widths == {True}:  # another embedding width: another architecture, not a detail
+        ckpt_width, model_width = (shape[-1] for shape in mismatched["cls_token"])
+        lines.append(f"  the checkpoint's embedding width is {ckpt_width}, the model's {model_width} (vit_small 384, "
+                     "vit_base 768, vit_large 1024, vit_giant2 1536): check student.arch")  # fmt: skip
     return "\n".join(lines)
 
 

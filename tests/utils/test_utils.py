@@ -244,6 +244,22 @@ def test_strict_error_lists_missing_unexpected_and_shape_mismatches(tmp_path):
         torch.testing.assert_close(value, before[key], rtol=0, atol=0)
 
 
+def test_another_architecture_gives_a_short_error_naming_the_width(tmp_path):
+    """Weights of a wider model: every tensor mismatches; 10 are listed, the rest counted, and the widths named."""
+    path = tmp_path / "wide.pth"
+    torch.save(tiny_vit(embed_dim=48).state_dict(), path)
+    with pytest.raises(PretrainedWeightsError) as excinfo:
+        load_pretrained_weights(tiny_vit(), str(path))
+    err = excinfo.value
+    assert len(err.shape_mismatches) == 7 + 4 * 14  # all of them stay available on the error
+    lines = str(err).splitlines()
+    assert sum(line.startswith("  shape mismatch ") for line in lines) == 10
+    assert "  shape mismatch pos_embed: checkpoint (1, 5, 48) vs model (1, 5, 32)" in lines  # same grid: no img_size hint
+    assert lines[-2] == "  and 53 more shape mismatches: blocks.* (51), norm.* (2)"
+    assert lines[-1] == ("  the checkpoint's embedding width is 48, the model's 32 (vit_small 384, vit_base 768, "
+                         "vit_large 1024, vit_giant2 1536): check student.arch")
+
+
 def test_non_strict_loads_matching_entries_and_warns(tmp_path, dinov2_logs):
     released = tiny_vit(seed=1, img_size=518, depth=2)
     path = tmp_path / "weights.pth"
