@@ -254,7 +254,7 @@ def test_another_architecture_gives_a_short_error_naming_the_width(tmp_path):
     assert len(err.shape_mismatches) == 7 + 4 * 14  # all of them stay available on the error
     lines = str(err).splitlines()
     assert sum(line.startswith("  shape mismatch ") for line in lines) == 10
-    assert "  shape mismatch pos_embed: checkpoint (1, 5, 48) vs model (1, 5, 32)" in lines  # same grid: no img_size hint
+    assert "  shape mismatch pos_embed: checkpoint (1, 5, 48) vs model (1, 5, 32)" in lines  # same grid: no hint
     assert lines[-2] == "  and 53 more shape mismatches: blocks.* (51), norm.* (2)"
     assert lines[-1] == ("  the checkpoint's embedding width is 48, the model's 32 (vit_small 384, vit_base 768, "
                          "vit_large 1024, vit_giant2 1536): check student.arch")
