@@ -118,7 +118,7 @@ class MetricLogger:
             return
         with open(self.output_file) as f:
             lines = f.readlines()
-        kept = [line for line in lines if _record_iteration(line) is not None and _record_iteration(line) < iteration]
+        kept = [line for line in lines if (logged := _record_iteration(line)) is not None and logged < iteration]
         if len(kept) != len(lines):
             atomic_write(self.output_file, lambda f: f.writelines(kept), binary=False)
 
